@@ -1,0 +1,170 @@
+"""Batch: the tensors of one minibatch, masks always beside the data.
+
+:class:`StoreTensors` holds a whole store in memory as tensors (one per modality and
+expert); batches index them directly, so the training loop does no per-sample Python work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from medmix_core.errors import StoreError
+from medmix_core.store import EmbeddingStore
+
+
+@dataclass
+class Batch:
+    """One minibatch.
+
+    Attributes:
+        experts: modality -> K_m tensors ``[B, d_k]``; rows where the expert is masked hold
+            arbitrary values (zeros from the store) and must not be read without the mask.
+        expert_mask: modality -> ``[B, K_m]`` bool, True = expert embedding present.
+        modality_mask: ``[B, M]`` bool, True = modality available (some expert present).
+        labels: ``[B, C]`` float (binary, multi-label) or ``[B]`` long (multi-class), or None.
+        label_mask: ``[B]`` bool, True = label known.
+        teacher: modality -> ``[B, d_T]`` teacher embeddings (training only), or None.
+        teacher_mask: ``[B, M]`` bool, True = teacher embedding present.
+        index: ``[B]`` rows of the store.
+    """
+
+    experts: dict[str, list[torch.Tensor]]
+    expert_mask: dict[str, torch.Tensor]
+    modality_mask: torch.Tensor
+    labels: torch.Tensor | None = None
+    label_mask: torch.Tensor | None = None
+    teacher: dict[str, torch.Tensor] | None = None
+    teacher_mask: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    modalities: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return int(self.modality_mask.shape[0])
+
+    def to(self, device: torch.device | str) -> "Batch":
+        def mv(t):
+            return None if t is None else t.to(device, non_blocking=True)
+        return replace(
+            self,
+            experts={m: [x.to(device, non_blocking=True) for x in xs] for m, xs in self.experts.items()},
+            expert_mask={m: mv(x) for m, x in self.expert_mask.items()},
+            modality_mask=mv(self.modality_mask), labels=mv(self.labels),
+            label_mask=mv(self.label_mask),
+            teacher=None if self.teacher is None else {m: mv(x) for m, x in self.teacher.items()},
+            teacher_mask=mv(self.teacher_mask), index=mv(self.index),
+        )
+
+    def with_masks(self, expert_mask: dict[str, torch.Tensor]) -> "Batch":
+        """A batch with new expert masks; the modality mask is recomputed from them."""
+        mm = torch.stack([expert_mask[m].any(dim=1) for m in self.modalities], dim=1)
+        return replace(self, expert_mask=expert_mask, modality_mask=mm)
+
+
+@dataclass
+class StoreTensors:
+    """A store's chosen experts, teachers and one task, as in-memory tensors.
+
+    Attributes:
+        modalities: modality names with at least one chosen expert, in store order.
+        experts: modality -> expert names (in store order).
+        emb: modality -> list of ``[N, d_k]``.
+        mask: modality -> ``[N, K_m]`` bool.
+        teacher / teacher_mask: modality -> ``[N, d_T]`` and ``[N, M]`` bool, or None.
+        labels: ``[N, C]`` float or ``[N]`` long (multi-class); label_mask ``[N]``.
+    """
+
+    modalities: list[str]
+    experts: dict[str, list[str]]
+    emb: dict[str, list[torch.Tensor]]
+    mask: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    label_mask: torch.Tensor
+    task_type: str
+    n_outputs: int
+    teacher: dict[str, torch.Tensor] | None = None
+    teacher_mask: torch.Tensor | None = None
+    teacher_name: str | None = None
+
+    @classmethod
+    def from_store(cls, store: EmbeddingStore, task: str | None = None,
+                   experts: list[str] | None = None, teacher: str | None = None) -> "StoreTensors":
+        """Load chosen experts (default: all) and optionally one teacher from a store."""
+        spec = store.task(task)
+        available = sorted({e.name for es in store.experts.values() for e in es})
+        wanted = available if experts is None else list(experts)
+        unknown = [e for e in wanted if e not in available]
+        if unknown:
+            raise StoreError(f"Store {store.path} holds experts {available}, not {unknown}. "
+                             f"Extract them first: `medmix extract ... --experts "
+                             f"{','.join(wanted)} --out {store.path}`.")
+        mods, names, emb, mask = [], {}, {}, {}
+        for m in store.modalities:
+            entries = [e for e in store.experts.get(m.name, []) if e.name in wanted]
+            if not entries:
+                continue
+            mods.append(m.name)
+            names[m.name] = [e.name for e in entries]
+            loaded = [store.load(e) for e in entries]
+            emb[m.name] = [x for x, _ in loaded]
+            mask[m.name] = torch.stack([k for _, k in loaded], dim=1)  # [N, K_m]
+        if not mods:
+            raise StoreError(f"None of the experts {wanted} is in store {store.path}.")
+        raw = store.labels(spec.name)
+        if spec.type == "multiclass":
+            label_mask = ~torch.isnan(raw)
+            labels = torch.nan_to_num(raw, nan=0).long()
+        else:
+            raw2 = raw.reshape(len(raw), -1)
+            label_mask = ~torch.isnan(raw2).any(dim=1)
+            labels = torch.nan_to_num(raw2, nan=0.0)
+        t_emb = t_mask = None
+        if teacher is not None:
+            t_emb, cols = {}, []
+            for m in mods:
+                try:
+                    e = store.entry(m, teacher, role="teacher")
+                except StoreError:
+                    cols.append(torch.zeros(store.n_samples, dtype=torch.bool))
+                    continue
+                x, k = store.load(e)
+                t_emb[m] = x
+                cols.append(k)
+            if not t_emb:
+                have = sorted({e.name for es in store.teachers.values() for e in es})
+                raise StoreError(f"Store {store.path} has no teacher {teacher!r} embeddings "
+                                 f"(teachers present: {have or 'none'}). Extract them with "
+                                 f"`medmix extract ... --teacher {teacher}` or run --no-distill.")
+            t_mask = torch.stack(cols, dim=1)  # [N, M]
+        return cls(mods, names, emb, mask, labels, label_mask, spec.type, spec.n_outputs,
+                   t_emb, t_mask, teacher)
+
+    @property
+    def n(self) -> int:
+        return int(self.labels.shape[0])
+
+    def dims(self) -> dict[str, list[int]]:
+        return {m: [int(x.shape[1]) for x in self.emb[m]] for m in self.modalities}
+
+    def teacher_dims(self) -> dict[str, int]:
+        if self.teacher is None:
+            return {}
+        return {m: int(x.shape[1]) for m, x in self.teacher.items()}
+
+    def modality_mask(self) -> torch.Tensor:
+        return torch.stack([self.mask[m].any(dim=1) for m in self.modalities], dim=1)  # [N, M]
+
+    def batch(self, idx: torch.Tensor, mask: dict[str, torch.Tensor] | None = None) -> Batch:
+        """The batch of rows ``idx``; ``mask`` replaces the stored expert masks (protocols)."""
+        mask = self.mask if mask is None else mask
+        em = {m: mask[m][idx] for m in self.modalities}
+        mm = torch.stack([em[m].any(dim=1) for m in self.modalities], dim=1)  # [B, M]
+        teacher = None if self.teacher is None else {m: x[idx] for m, x in self.teacher.items()}
+        tmask = None if self.teacher_mask is None else self.teacher_mask[idx]
+        return Batch(
+            experts={m: [x[idx] for x in self.emb[m]] for m in self.modalities},
+            expert_mask=em, modality_mask=mm, labels=self.labels[idx],
+            label_mask=self.label_mask[idx], teacher=teacher, teacher_mask=tmask,
+            index=idx, modalities=list(self.modalities))

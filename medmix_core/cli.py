@@ -1,0 +1,201 @@
+"""The ``medmix`` command line (Typer). Plugins add commands through ``register_commands``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from medmix_core.errors import MedmixError
+
+app = typer.Typer(
+    help="medmix: multimodal clinical prediction with missing modalities (MedMIX and baselines).",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"Error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _csv(v: Optional[str]) -> Optional[list[str]]:
+    return None if v is None else [x.strip() for x in v.split(",") if x.strip()]
+
+
+def build_config(config: Optional[Path], flags: dict[str, Any]):
+    """Config file (JSON/YAML), then project defaults file, then flags on top."""
+    from medmix_core.config import load_config_file, make_config
+
+    values: dict[str, Any] = {}
+    if config is not None:
+        values.update(load_config_file(config))
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return make_config(**values)
+
+
+@app.command()
+def run(
+    dataset: Optional[str] = typer.Option(None, help="Dataset plugin (default physionet2012, bundled)."),
+    source: Optional[str] = typer.Option(None, help="Raw data path for the dataset (default: bundled)."),
+    store: Optional[str] = typer.Option(None, help="Embedding store folder (default stores/<dataset>)."),
+    fuser: Optional[str] = typer.Option(None, help="Fuser plugin, or several comma-separated for a comparison table (default medmix)."),
+    experts: Optional[str] = typer.Option(None, help="Comma-separated experts (default: all in the store, or the dataset's default committee)."),
+    drop_experts: Optional[str] = typer.Option(None, help="Experts to leave out, by name or family (general, domain, rag): the ablation."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher whose embeddings drive distillation (training only)."),
+    distill: Optional[bool] = typer.Option(None, "--distill/--no-distill", help="Teacher-student distillation (default: on when --teacher is given)."),
+    task: Optional[str] = typer.Option(None, help="Task name (default: the dataset's first, mortality for physionet2012)."),
+    seeds: Optional[int] = typer.Option(None, help="Number of seeds: trains seeds 0..N-1 and reports mean ± std."),
+    epochs: Optional[int] = typer.Option(None, help="Maximum epochs (default 200)."),
+    patience: Optional[int] = typer.Option(None, help="Early-stopping patience on validation loss (default 20)."),
+    lr: Optional[float] = typer.Option(None, help="Base learning rate (router: 0.3 x)."),
+    batch_size: Optional[int] = typer.Option(None, help="Minibatch size (default 256)."),
+    d: Optional[int] = typer.Option(None, help="Shared representation width d (default 128)."),
+    dropout: Optional[float] = typer.Option(None, help="Dropout of the expert projections."),
+    modality_dropout: Optional[float] = typer.Option(None, help="Training-time modality dropout on masks."),
+    expert_dropout: Optional[float] = typer.Option(None, help="Training-time expert dropout on masks."),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay."),
+    keep_modalities: Optional[str] = typer.Option(None, help="Use only these modalities (comma-separated)."),
+    fuser_options: Optional[str] = typer.Option(None, help='Fuser options as JSON, e.g. \'{"weighting": "inverse"}\'.'),
+    threshold: Optional[str] = typer.Option(None, help="Decision threshold: a number (default 0.5) or 'val' (maximise macro-F1 on validation)."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
+    out: Optional[str] = typer.Option(None, help="Results folder (default runs/<timestamp>-<fuser>)."),
+    external_test: Optional[str] = typer.Option(None, help="Second cohort (store, or raw source of the same dataset) to evaluate the trained models on."),
+    bootstrap: Optional[int] = typer.Option(None, help="Bootstrap resamples for 95% CIs of the test metrics (0 = off)."),
+    config: Optional[Path] = typer.Option(None, help="JSON or YAML config file; flags override it."),
+    show_config: bool = typer.Option(False, "--show-config", help="Print the resolved configuration and exit."),
+) -> None:
+    """Train and evaluate a fuser on a store (extracted on first use) and write a results folder.
+
+    With no arguments: bundled PhysioNet 2012, in-hospital mortality, fuser medmix.
+    """
+    try:
+        thr: Any = threshold
+        if threshold is not None and threshold != "val":
+            thr = float(threshold)
+        fopts = json.loads(fuser_options) if fuser_options else None
+        fusers = _csv(fuser) or [None]
+        flags = dict(dataset=dataset, source=source, store=store, experts=_csv(experts),
+                     drop_experts=_csv(drop_experts), teacher=teacher, distill=distill, task=task,
+                     seeds=seeds, epochs=epochs, patience=patience, lr=lr, batch_size=batch_size,
+                     d=d, dropout=dropout, modality_dropout=modality_dropout,
+                     expert_dropout=expert_dropout, weight_decay=weight_decay,
+                     keep_modalities=_csv(keep_modalities), fuser_options=fopts, threshold=thr,
+                     device=device, external_test=external_test, bootstrap=bootstrap)
+        base = build_config(config, flags)
+        if show_config:
+            typer.echo(base.model_dump_json(indent=1))
+            return
+        from medmix_core.report import print_metrics, write_comparison
+        from medmix_core.runner import run as run_one
+
+        results = []
+        for f in fusers:
+            cfg = base if f is None else base.model_copy(update={"fuser": f})
+            if out is not None:
+                cfg = cfg.model_copy(update={"out": out if len(fusers) == 1 else str(Path(out) / f)})
+            metrics = run_one(cfg)
+            print_metrics(metrics)
+            results.append(metrics)
+        if len(results) > 1:
+            folder = Path(out) if out else Path(results[0]["out"]).parent
+            write_comparison(results, folder)
+    except (MedmixError, json.JSONDecodeError, ValueError) as exc:
+        _fail(exc)
+
+
+@app.command()
+def extract(
+    dataset: str = typer.Option("physionet2012", help="Dataset plugin."),
+    experts: str = typer.Option("stats,grid", help="Comma-separated expert plugins."),
+    out: Path = typer.Option(..., help="Store folder to write (resumes if it exists)."),
+    source: Optional[str] = typer.Option(None, help="Raw data path (default: the dataset's bundled data)."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher plugin(s), comma-separated (training split only)."),
+    device: str = typer.Option("cpu", help="cpu | cuda."),
+    shard_size: int = typer.Option(1024, help="Rows per shard (the unit of resumption)."),
+    fit_from: Optional[Path] = typer.Option(None, help="Reuse the fitted expert state of this store (encode an external cohort with training statistics)."),
+) -> None:
+    """Encode a dataset with expert plugins into an EmbeddingStore (batched, resumable)."""
+    try:
+        from medmix_core.extract import extract as do_extract
+
+        kw: dict[str, Any] = {}
+        if fit_from is not None:
+            kw["fit_from"] = fit_from
+        st = do_extract(dataset, out, _csv(experts) or [], _csv(teacher) or [], source=source,
+                        device=device, shard_size=shard_size, **kw)
+        typer.echo(f"Store {st.path}: {st.n_samples} samples, tasks "
+                   f"{[t.name for t in st.tasks]}, splits "
+                   f"{ {k: len(v) for k, v in st.splits.items()} }")
+        typer.echo("Missing rate per modality:")
+        for m, r in st.modality_missing_rates().items():
+            typer.echo(f"  {m:<12} {r * 100:6.2f} %")
+    except MedmixError as exc:
+        _fail(exc)
+
+
+@app.command()
+def plugins(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List installed plugins: distribution, module, hooks, and the names they register."""
+    from medmix_core.plugins import load_errors, plugin_info, registry
+
+    try:
+        info = plugin_info()
+    except MedmixError as exc:
+        _fail(exc)
+    errors = load_errors()
+    if as_json:
+        typer.echo(json.dumps({"plugins": info, "errors": errors}, indent=1))
+        return
+    reg = registry()
+    for p in info:
+        typer.echo(f"{p['name']}  ({p['distribution']}; module {p['module']})")
+        typer.echo(f"  hooks: {', '.join(p['hooks'])}")
+        for kind, names in p["registers"].items():
+            parts = []
+            for n in names:
+                obj = reg.entries[kind][n].obj
+                if kind in ("experts", "teachers"):
+                    kinds = "/".join(getattr(obj, "kinds", ()))
+                    parts.append(f"{n} [{kinds}; {getattr(obj, 'family', '')}]")
+                else:
+                    parts.append(n)
+            typer.echo(f"  {kind}: {', '.join(parts)}")
+    for name, err in errors.items():
+        typer.secho(f"{name}  FAILED TO LOAD: {err}", fg=typer.colors.RED)
+
+
+@app.command()
+def predict(
+    run_dir: Path = typer.Argument(..., help="A results folder written by `medmix run`."),
+    source: str = typer.Option(..., help="New patients: a store, or raw data for the run's dataset."),
+    out: Optional[Path] = typer.Option(None, help="CSV to write (default RUN_DIR/predict.csv)."),
+) -> None:
+    """Apply a trained run's deployed (teacher-free) models to new patients."""
+    try:
+        from medmix_core.predict import predict as do_predict
+
+        path = do_predict(run_dir, source, out)
+        typer.echo(f"Wrote {path}")
+    except MedmixError as exc:
+        _fail(exc)
+
+
+def _register_plugin_commands() -> None:
+    try:
+        from medmix_core.plugins import get_plugin_manager
+
+        get_plugin_manager().hook.register_commands(app=app)
+    except Exception as exc:  # a broken plugin must not break the CLI
+        typer.secho(f"Warning: a plugin's register_commands failed: {exc}", err=True)
+
+
+def main() -> None:
+    _register_plugin_commands()
+    app()
+
+
+if __name__ == "__main__":
+    main()

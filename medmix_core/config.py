@@ -1,0 +1,124 @@
+"""RunConfig: every setting of a run, validated; saved resolved next to the results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from medmix_core.errors import MedmixError
+
+
+class RunConfig(BaseModel):
+    """Settings of ``medmix run``. Unknown keys are errors (``extra="forbid"``)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # data
+    dataset: str = "physionet2012"
+    dataset_options: dict[str, Any] = Field(default_factory=dict)
+    source: str | None = None
+    store: str | None = None
+    experts: list[str] | None = None
+    drop_experts: list[str] = Field(default_factory=list)
+    teacher: str | None = None
+    task: str | None = None
+    keep_modalities: list[str] | None = None
+    # model
+    fuser: str = "medmix"
+    fuser_options: dict[str, Any] = Field(default_factory=dict)
+    d: int = Field(128, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    modality_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    expert_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # distillation
+    distill: bool | None = None
+    distill_losses: dict[str, float] = Field(default_factory=lambda: {"cosine": 1.0, "rkd": 0.1})
+    lambda_d_max: float = Field(0.5, ge=0.0)
+    distill_ramp_epochs: int = Field(10, ge=0)
+    # optimisation
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    epochs: int = Field(200, ge=1)
+    patience: int = Field(20, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-2, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    router_lr_scale: float = Field(0.3, gt=0.0)
+    warmup_epochs: float = Field(2.0, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    batch_size: int = Field(256, ge=1)
+    pos_weight: Union[bool, float] = True
+    threshold: Union[float, Literal["val"]] = 0.5
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    # missingness protocol applied to masks (see medmix_core.protocols)
+    protocol: dict[str, Any] | None = None
+    # outputs
+    out: str | None = None
+    external_test: str | None = None
+    bootstrap: int = Field(0, ge=0)
+    progress: bool = True
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seeds(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            if v < 1:
+                raise ValueError(f"seeds must be >= 1 (a count) or a list, got {v}")
+            return list(range(v))
+        return v
+
+    @field_validator("experts", "drop_experts", "keep_modalities", mode="before")
+    @classmethod
+    def _csv(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [x.strip() for x in v.split(",") if x.strip()]
+        return v
+
+    @property
+    def distill_on(self) -> bool:
+        return bool(self.teacher) if self.distill is None else self.distill
+
+
+def format_validation_error(exc: ValidationError, where: str = "run config") -> str:
+    lines = [f"Invalid {where}:"]
+    for err in exc.errors():
+        field = ".".join(str(x) for x in err["loc"]) or "(root)"
+        value = err.get("input")
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown setting; allowed settings: {', '.join(RunConfig.model_fields)}"
+        lines.append(f"  {field} = {value!r}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or YAML config file into a dict (validated later, with flags on top)."""
+    p = Path(path)
+    if not p.is_file():
+        raise MedmixError(f"Config file {str(p)!r} does not exist. Pass an existing JSON or "
+                          f"YAML file to --config.")
+    text = p.read_text("utf-8")
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as exc:
+        raise MedmixError(f"Config file {p} could not be parsed ({exc}). Expected JSON, or YAML "
+                          f"with a .yaml/.yml suffix.") from exc
+    if not isinstance(data, dict):
+        raise MedmixError(f"Config file {p}: expected a mapping of settings, found "
+                          f"{type(data).__name__}.")
+    return data
+
+
+def make_config(**values: Any) -> RunConfig:
+    """RunConfig from values, with pydantic errors turned into one readable MedmixError."""
+    try:
+        return RunConfig(**values)
+    except ValidationError as exc:
+        raise MedmixError(format_validation_error(exc)) from None

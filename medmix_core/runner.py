@@ -1,0 +1,371 @@
+"""``medmix run``: from a store (extracted on demand) to trained models, metrics and files.
+
+Results directory::
+
+    config.json          the resolved RunConfig
+    metrics.json         per-seed and mean ± std test (and external) metrics
+    predictions.csv      test rows: id, label(s), mean probability, per-seed probability,
+                         mean modality weights
+    seed_<s>/model.safetensors + model.json   the deployed model (no teacher parameter)
+    encoders.json + state/                    experts and their fitted state, for predict
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from medmix_core.batch import StoreTensors
+from medmix_core.config import RunConfig
+from medmix_core.errors import MedmixError, StoreError
+from medmix_core.fusion import Fuser, FusionSpec
+from medmix_core.metrics import METRICS, bootstrap_ci, compute_metrics, mean_std
+from medmix_core.store import EmbeddingStore, atomic_save_tensors, atomic_write_text
+from medmix_core.training import SeedResult, make_spec, predict_rows, train_seed
+
+DEFAULT_EXPERTS = {"physionet2012": ["stats", "grid"]}
+
+
+def default_store_path(cfg: RunConfig) -> Path:
+    if cfg.store:
+        return Path(cfg.store)
+    name = cfg.dataset
+    if cfg.source:
+        import hashlib
+        name += "-" + hashlib.sha256(str(Path(cfg.source).resolve()).encode()).hexdigest()[:8]
+    return Path("stores") / name
+
+
+def is_store(path: str | Path) -> bool:
+    return (Path(path) / "manifest.json").is_file()
+
+
+def ensure_store(cfg: RunConfig, log=print) -> EmbeddingStore:
+    """Open the configured store; extract the missing experts/teacher into it first."""
+    path = default_store_path(cfg)
+    wanted = list(cfg.experts) if cfg.experts else None
+    teachers = [cfg.teacher] if cfg.teacher else []
+    if is_store(path):
+        store = EmbeddingStore.open(path)
+        have = {e.name for es in store.experts.values() for e in es}
+        have_t = {e.name for es in store.teachers.values() for e in es}
+        if (wanted is None or set(wanted) <= have) and set(teachers) <= have_t:
+            return store
+        if cfg.store and not cfg.dataset:
+            raise StoreError(f"Store {path} lacks {sorted(set(wanted or []) - have)}.")
+        wanted = sorted(have | set(wanted or []))
+    if wanted is None:
+        wanted = DEFAULT_EXPERTS.get(cfg.dataset)
+        if wanted is None:
+            raise MedmixError(f"No store at {path} and no --experts given for dataset "
+                              f"{cfg.dataset!r}. Pass --experts a,b (see `medmix plugins`).")
+    from medmix_core.extract import extract  # heavy imports only when extracting
+
+    log(f"Extracting {', '.join(wanted)}" + (f" + teacher {cfg.teacher}" if cfg.teacher else "")
+        + f" from {cfg.dataset} into {path} (cached for later runs)")
+    return extract(cfg.dataset, path, wanted, teachers, source=cfg.source,
+                   device="cuda" if cfg.device == "cuda" else "cpu",
+                   dataset_options=cfg.dataset_options or None, progress=cfg.progress)
+
+
+def select_experts(cfg: RunConfig, store: EmbeddingStore) -> list[str]:
+    """Chosen experts: --experts (default: all in the store) minus --drop-experts (by name
+    or by family, e.g. ``rag``)."""
+    names = list(cfg.experts) if cfg.experts else sorted(
+        {e.name for es in store.experts.values() for e in es})
+    drop = set(cfg.drop_experts)
+    fam = {e.name: e.family for es in store.experts.values() for e in es}
+    kept = [n for n in names if n not in drop and fam.get(n) not in drop]
+    if not kept:
+        raise MedmixError(f"--drop-experts {sorted(drop)} leaves no expert out of {names}.")
+    return kept
+
+
+def _filter_modalities(tensors: StoreTensors, keep: list[str] | None) -> StoreTensors:
+    if not keep:
+        return tensors
+    unknown = [m for m in keep if m not in tensors.modalities]
+    if unknown:
+        raise MedmixError(f"--keep-modalities {unknown}: not among the modalities "
+                          f"{tensors.modalities}.")
+    tensors.modalities = [m for m in tensors.modalities if m in keep]
+    if tensors.teacher is not None:
+        cols = [i for i, m in enumerate(tensors.experts) if m in keep]
+        tensors.teacher = {m: x for m, x in tensors.teacher.items() if m in keep}
+        tensors.teacher_mask = tensors.teacher_mask[:, cols]
+    for d in (tensors.experts, tensors.emb, tensors.mask):
+        for m in list(d):
+            if m not in keep:
+                del d[m]
+    return tensors
+
+
+def load_tensors(cfg: RunConfig, store: EmbeddingStore, teacher_needed: bool) -> StoreTensors:
+    experts = select_experts(cfg, store)
+    teacher = cfg.teacher if (cfg.teacher and teacher_needed) else None
+    tensors = StoreTensors.from_store(store, cfg.task, experts, teacher)
+    return _filter_modalities(tensors, cfg.keep_modalities)
+
+
+def families(store: EmbeddingStore, tensors: StoreTensors) -> dict[str, list[str]]:
+    fam = {(m, e.name): e.family for m, es in store.experts.items() for e in es}
+    return {m: [fam[(m, n)] for n in tensors.experts[m]] for m in tensors.modalities}
+
+
+def _protocol_masks(cfg: RunConfig, tensors: StoreTensors, store: EmbeddingStore, seed: int):
+    """(train_mask, eval_mask) after the configured missingness protocol, or (None, None)."""
+    if not cfg.protocol:
+        return None, None
+    from medmix_core.protocols import Protocol, apply_protocol
+
+    proto = Protocol(**cfg.protocol)
+    if proto.phase == "none":
+        return None, None
+    labels = tensors.labels.reshape(tensors.n, -1)[:, 0] if tensors.task_type != "multiclass" \
+        else None
+    kw = {"labels": labels}
+    rows = {"train": torch.as_tensor(store.splits["train"]),
+            "test": torch.as_tensor(store.splits["test"] + store.splits.get("val", [])),
+            "both": torch.arange(tensors.n)}[proto.phase]
+    if proto.name == "mnar":
+        rows = rows[tensors.label_mask[rows]]
+    mask = apply_protocol(tensors.mask, tensors.modalities, proto, seed, rows=rows, **kw)
+    if proto.phase == "train":
+        return mask, None
+    if proto.phase == "test":
+        return None, mask
+    return mask, mask
+
+
+def save_model(result: SeedResult, spec: FusionSpec, cfg: RunConfig, folder: Path) -> None:
+    """The deployed model: fuser weights only (teacher heads live outside the fuser)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
+    atomic_save_tensors(folder / "model.safetensors", state)
+    meta = {"fuser": cfg.fuser, "fuser_options": {"d": cfg.d, "dropout": cfg.dropout,
+                                                  **cfg.fuser_options},
+            "spec": vars(spec), "seed": result.seed, "threshold": result.threshold,
+            "best_epoch": result.best_epoch, "task": cfg.task}
+    atomic_write_text(folder / "model.json", json.dumps(meta, indent=1))
+
+
+def load_model(folder: Path) -> tuple[Fuser, dict[str, Any]]:
+    """Rebuild a saved fuser from model.json + model.safetensors."""
+    from medmix_core.plugins import get_fuser
+
+    meta_path = Path(folder) / "model.json"
+    if not meta_path.is_file():
+        raise MedmixError(f"{meta_path} is missing: {folder} is not a saved medmix model "
+                          f"(expected model.json and model.safetensors from `medmix run`).")
+    meta = json.loads(meta_path.read_text())
+    spec = FusionSpec(**meta["spec"])
+    model = get_fuser(meta["fuser"])(spec, **meta["fuser_options"])
+    state = load_file(str(Path(folder) / "model.safetensors"))
+    model.load_state_dict(state)
+    return model.eval(), meta
+
+
+def _copy_encoders(store: EmbeddingStore, tensors: StoreTensors, out: Path) -> None:
+    """Experts used, their dims, provenance and fitted state: what predict needs."""
+    entries = []
+    for m in tensors.modalities:
+        for name in tensors.experts[m]:
+            e = store.entry(m, name)
+            rec = {"modality": m, "name": name, "dim": e.dim, "family": e.family,
+                   "provenance": e.provenance, "state_file": None}
+            if e.state_file:
+                dst = out / e.state_file
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(store.path / e.state_file, dst)
+                rec["state_file"] = e.state_file
+            entries.append(rec)
+    info = {"dataset": store.manifest.get("dataset", {}), "store": str(store.path),
+            "modalities": [vars(m) for m in store.modalities], "encoders": entries}
+    atomic_write_text(out / "encoders.json", json.dumps(info, indent=1))
+
+
+def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    return {k: mean_std([m[k] for m in per_seed]) for k in METRICS}
+
+
+def fmt(ms: dict[str, float]) -> str:
+    if ms["mean"] is None or math.isnan(ms["mean"]):
+        return "undefined"
+    return f"{ms['mean']:.3f} ± {ms['std']:.3f}"
+
+
+def open_external(cfg: RunConfig, store: EmbeddingStore, log=print) -> EmbeddingStore:
+    """The external cohort's store: a store path as is, or a source extracted with the
+    training store's fitted expert state."""
+    src = cfg.external_test
+    if is_store(src):
+        return EmbeddingStore.open(src)
+    from medmix_core.extract import extract
+
+    path = default_store_path(cfg.model_copy(update={"source": src, "store": None}))
+    path = path.with_name(path.name + "-external")
+    experts = sorted({e.name for es in store.experts.values() for e in es})
+    log(f"Encoding external cohort {src} with the training store's fitted experts -> {path}")
+    return extract(cfg.dataset, path, experts, [], source=src, fit_from=store.path,
+                   progress=cfg.progress, dataset_options=cfg.dataset_options or None)
+
+
+def check_compatible(spec: FusionSpec, tensors: StoreTensors, what: str) -> None:
+    """A cohort must have the run's modalities, experts and dims."""
+    for m in spec.modalities:
+        if m not in tensors.modalities:
+            raise MedmixError(f"{what} has no modality {m!r} (it has {tensors.modalities}); the "
+                              f"run was trained on {spec.modalities}.")
+        got = list(zip(tensors.experts[m], tensors.dims()[m]))
+        want = list(zip(spec.experts[m], spec.dims[m]))
+        if got != want:
+            raise MedmixError(f"{what}: modality {m!r} has experts/dims {got}, the run expects "
+                              f"{want}. Encode the cohort with the run's experts "
+                              f"(`medmix predict` does this from a raw source).")
+
+
+def run(cfg: RunConfig, log=print) -> dict[str, Any]:
+    """Train and evaluate ``cfg.fuser`` for every seed; write the results directory.
+
+    Returns:
+        the metrics dict written to metrics.json.
+    """
+    from medmix_core.plugins import get_fuser
+
+    get_fuser(cfg.fuser)  # unknown names fail before any extraction
+    store = ensure_store(cfg, log)
+    fuser_cls_needs_teacher = cfg.fuser in ("adacomed", "teacher-only")
+    teacher_needed = cfg.distill_on or fuser_cls_needs_teacher
+    if fuser_cls_needs_teacher and not cfg.teacher:
+        have = sorted({e.name for es in store.teachers.values() for e in es})
+        if not have:
+            raise MedmixError(f"Fuser {cfg.fuser!r} reads teacher-class embeddings at inference,"
+                              f" but store {store.path} has none. Extract one with --teacher.")
+        cfg = cfg.model_copy(update={"teacher": have[0]})
+    tensors = load_tensors(cfg, store, teacher_needed)
+    spec = make_spec(tensors, families(store, tensors))
+    out = Path(cfg.out) if cfg.out else Path("runs") / (
+        dt.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{cfg.fuser}")
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = cfg.model_copy(update={"store": str(store.path),
+                                      "experts": [n for m in spec.modalities
+                                                  for n in spec.experts[m]]})
+    atomic_write_text(out / "config.json", resolved.model_dump_json(indent=1))
+    _copy_encoders(store, tensors, out)
+
+    test_rows = torch.as_tensor(store.splits["test"], dtype=torch.long)
+    test_labels = tensors.labels[test_rows]
+    ext_store = ext_tensors = None
+    if cfg.external_test:
+        ext_store = open_external(cfg, store, log)
+        ext_tensors = _filter_modalities(StoreTensors.from_store(
+            ext_store, tensors_task(cfg, store), select_experts(cfg, store),
+            cfg.teacher if fuser_cls_needs_teacher else None), cfg.keep_modalities)
+        check_compatible(spec, ext_tensors, f"External cohort {cfg.external_test}")
+
+    per_seed, ext_per_seed, probs, weights, seeds_info, ext_probs = [], [], [], [], [], []
+    for seed in cfg.seeds:
+        train_mask, eval_mask = _protocol_masks(cfg, tensors, store, seed)
+        log(f"seed {seed}: training {cfg.fuser} on {len(store.splits['train'])} samples, "
+            f"{len(spec.modalities)} modalities, experts {sorted(set(resolved.experts))}")
+        res = train_seed(cfg, tensors, spec, store.splits, seed, train_mask, eval_mask)
+        pred = predict_rows(res.model, tensors, test_rows, torch.device("cpu"), mask=eval_mask)
+        m = compute_metrics(pred["probs"], test_labels, tensors.task_type, res.threshold)
+        if cfg.bootstrap:
+            m["ci95"] = bootstrap_ci(pred["probs"], test_labels, tensors.task_type,
+                                     res.threshold, cfg.bootstrap, seed)
+        per_seed.append(m)
+        probs.append(pred["probs"])
+        weights.append(pred.get("modality_weights"))
+        save_model(res, spec, cfg, out / f"seed_{seed}")
+        seeds_info.append({"seed": seed, "best_epoch": res.best_epoch,
+                           "epochs_run": res.epochs_run, "seconds": round(res.seconds, 2),
+                           "threshold": res.threshold, "val": res.val_metrics})
+        log(f"seed {seed}: best epoch {res.best_epoch} of {res.epochs_run}, "
+            f"{res.seconds:.1f}s, test AUROC {m['auroc']:.4f}, AUPRC {m['auprc']:.4f}")
+        if ext_tensors is not None:
+            rows = torch.arange(ext_tensors.n)
+            ep = predict_rows(res.model, ext_tensors, rows, torch.device("cpu"))
+            ext_per_seed.append(compute_metrics(ep["probs"], ext_tensors.labels, 
+                                                ext_tensors.task_type, res.threshold))
+            ext_probs.append(ep["probs"])
+
+    metrics: dict[str, Any] = {
+        "task": tensors_task(cfg, store), "task_type": tensors.task_type, "fuser": cfg.fuser,
+        "experts": resolved.experts, "modalities": spec.modalities, "seeds": list(cfg.seeds),
+        "teacher": cfg.teacher if teacher_needed else None, "distill": cfg.distill_on,
+        "threshold_rule": ("chosen on validation to maximise macro-F1"
+                           if cfg.threshold == "val" else f"fixed at {cfg.threshold}"),
+        "test": aggregate(per_seed), "per_seed": per_seed, "seed_info": seeds_info,
+        "n_test": len(test_rows), "store": str(store.path),
+        "protocol": cfg.protocol,
+    }
+    if ext_per_seed:
+        metrics["external"] = aggregate(ext_per_seed)
+        metrics["external_per_seed"] = ext_per_seed
+    atomic_write_text(out / "metrics.json", json.dumps(clean_json(metrics), indent=1, default=_json_nan))
+    _write_predictions(out / "predictions.csv", store, tensors, test_rows, probs, weights,
+                       cfg.seeds, spec)
+    if ext_probs:
+        _write_predictions(out / "external_predictions.csv", ext_store, ext_tensors,
+                           torch.arange(ext_tensors.n), ext_probs, [None] * len(ext_probs),
+                           cfg.seeds, spec)
+    metrics["out"] = str(out)
+    return metrics
+
+
+def tensors_task(cfg: RunConfig, store: EmbeddingStore) -> str:
+    return store.task(cfg.task).name
+
+
+def _json_nan(o: Any) -> Any:
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def clean_json(o: Any) -> Any:
+    """NaN/Inf -> None (JSON null), recursively: an undefined metric is null, not NaN."""
+    if isinstance(o, float):
+        return None if (math.isnan(o) or math.isinf(o)) else o
+    if isinstance(o, dict):
+        return {k: clean_json(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [clean_json(v) for v in o]
+    return o
+
+
+def _write_predictions(path: Path, store: EmbeddingStore, tensors: StoreTensors,
+                       rows: torch.Tensor, probs: list[torch.Tensor],
+                       weights: list[torch.Tensor | None], seeds: list[int],
+                       spec: FusionSpec) -> None:
+    mean = torch.stack(probs).mean(0)  # [N, C]
+    c = mean.shape[1]
+    labels = tensors.labels[rows]
+    wts = [w for w in weights if w is not None]
+    wmean = torch.stack(wts).mean(0) if wts else None
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    lab_cols = ["label"] if labels.ndim == 1 or labels.shape[1] == 1 else \
+        [f"label_{i}" for i in range(labels.shape[1])]
+    prob_cols = ["prob"] if c == 1 else [f"prob_{i}" for i in range(c)]
+    seed_cols = [f"prob_seed{s}" + ("" if c == 1 else f"_{i}") for s in seeds for i in range(c)]
+    wcols = [f"weight_{m}" for m in spec.modalities] if wmean is not None else []
+    w.writerow(["sample_id"] + lab_cols + prob_cols + seed_cols + wcols)
+    lab2 = labels.reshape(len(rows), -1)
+    lmask = tensors.label_mask[rows]
+    for i, r in enumerate(rows.tolist()):
+        labs = [("" if not lmask[i] else int(v)) for v in lab2[i].tolist()]
+        row = [store.sample_ids[r]] + labs + [f"{v:.6f}" for v in mean[i].tolist()]
+        row += [f"{p[i, j]:.6f}" for p in probs for j in range(c)]
+        if wmean is not None:
+            row += [f"{v:.4f}" for v in wmean[i].tolist()]
+        w.writerow(row)
+    atomic_write_text(path, buf.getvalue())

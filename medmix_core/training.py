@@ -1,0 +1,317 @@
+"""Training and evaluation of one fuser for one seed.
+
+AdamW with two parameter groups (router at ``router_lr_scale`` x base), linear warm-up,
+gradient-norm clipping, mixed precision on CUDA (bf16 where supported, else fp16 with a
+grad scaler; off on CPU), early stopping on validation task loss with the best-validation
+weights restored before testing. Class imbalance: with ``pos_weight=True`` the binary /
+multi-label BCE weighs positives by n_neg / n_pos of the training split (per label).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medmix_core.batch import Batch, StoreTensors
+from medmix_core.config import RunConfig
+from medmix_core.distill import TeacherHeads, distill_weight, distillation_loss
+from medmix_core.errors import MedmixError
+from medmix_core.fusion import Fuser, FusionSpec
+from medmix_core.metrics import best_threshold, compute_metrics, probabilities
+from medmix_core.plugins import get_fuser, get_loss
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when available else cpu; "cuda" without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MedmixError("--device cuda was asked for, but torch sees no CUDA GPU on this "
+                          "machine. Use --device cpu or --device auto.")
+    return torch.device(name)
+
+
+def make_spec(tensors: StoreTensors, families: dict[str, list[str]] | None = None) -> FusionSpec:
+    return FusionSpec(modalities=list(tensors.modalities), experts=dict(tensors.experts),
+                      dims=tensors.dims(), n_outputs=tensors.n_outputs,
+                      task_type=tensors.task_type, teacher_dims=tensors.teacher_dims(),
+                      expert_families=families or {})
+
+
+def build_fuser(cfg: RunConfig, spec: FusionSpec) -> Fuser:
+    """Instantiate the configured fuser plugin for ``spec``."""
+    factory = get_fuser(cfg.fuser)
+    options = {"d": cfg.d, "dropout": cfg.dropout, **cfg.fuser_options}
+    try:
+        model = factory(spec, **options)
+    except TypeError as exc:
+        raise MedmixError(f"Fuser {cfg.fuser!r} rejected its options {options}: {exc}. Check "
+                          f"--fuser-options / fuser_options in the config.") from exc
+    if not isinstance(model, Fuser):
+        raise MedmixError(f"Fuser plugin {cfg.fuser!r} returned {type(model).__name__}, expected "
+                          f"a medmix_core.Fuser subclass.")
+    return model
+
+
+def augment_masks(expert_mask: dict[str, torch.Tensor], modalities: list[str], p_modality: float,
+                  p_expert: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Training-time modality and expert dropout on masks; never empties a sample or modality.
+
+    Random numbers are drawn on the CPU so a seed gives the same masks on every device.
+    """
+    if p_modality <= 0 and p_expert <= 0:
+        return expert_mask
+    dev = next(iter(expert_mask.values())).device
+    out = {}
+    for m in modalities:
+        em = expert_mask[m]
+        if p_expert > 0:
+            drop = (torch.rand(em.shape, generator=gen) < p_expert).to(dev)
+            kept = em & ~drop
+            out[m] = torch.where(kept.any(1, keepdim=True), kept, em)  # keep >= 1 expert
+        else:
+            out[m] = em
+    if p_modality > 0:
+        avail = torch.stack([out[m].any(1) for m in modalities], 1)  # [B, M]
+        drop = (torch.rand(avail.shape, generator=gen) < p_modality).to(dev) & avail
+        left = avail & ~drop
+        drop &= left.any(1, keepdim=True)  # a drop that would empty the sample is skipped
+        for j, m in enumerate(modalities):
+            out[m] = out[m] & ~drop[:, j:j + 1]
+    return out
+
+
+def task_loss(logits: torch.Tensor, batch: Batch, task_type: str,
+              pos_weight: torch.Tensor | None) -> torch.Tensor:
+    """Masked task loss: BCE-with-logits (binary, multi-label) or cross-entropy."""
+    keep = batch.label_mask
+    if keep is not None and not bool(keep.all()):
+        if not bool(keep.any()):
+            return logits.sum() * 0.0
+        logits, labels = logits[keep], batch.labels[keep]
+    else:
+        labels = batch.labels
+    if task_type == "multiclass":
+        return F.cross_entropy(logits.float(), labels.reshape(-1).long())
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), pos_weight=pos_weight)
+
+
+@dataclass
+class SeedResult:
+    """What one seed's training produced."""
+
+    seed: int
+    model: Fuser
+    best_epoch: int
+    epochs_run: int
+    threshold: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    val_metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def predict_rows(model: Fuser, tensors: StoreTensors, rows: torch.Tensor, device: torch.device,
+                 batch_size: int = 1024, mask: dict[str, torch.Tensor] | None = None,
+                 amp: bool = True) -> dict[str, torch.Tensor]:
+    """Inference over ``rows``: logits, probabilities and fusion weights, on the CPU."""
+    model.eval()
+    outs: dict[str, list[torch.Tensor]] = {"logits": [], "modality_weights": [],
+                                           "router_weights": []}
+    for start in range(0, len(rows), batch_size):
+        idx = rows[start:start + batch_size]
+        batch = tensors.batch(idx, mask).to(device)
+        with _autocast(device, amp):
+            out = model(batch)
+        outs["logits"].append(out.logits.float().cpu())
+        if out.modality_weights is not None:
+            outs["modality_weights"].append(out.modality_weights.float().cpu())
+        if out.router_weights is not None:
+            outs["router_weights"].append(out.router_weights.float().cpu())
+    res = {k: torch.cat(v) for k, v in outs.items() if v}
+    if "logits" not in res:
+        res["logits"] = torch.zeros(0, tensors.n_outputs)
+    res["probs"] = probabilities(res["logits"], tensors.task_type)
+    return res
+
+
+def _autocast(device: torch.device, amp: bool):
+    if device.type == "cuda" and amp:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _param_groups(model: Fuser, heads: nn.Module | None, cfg: RunConfig) -> list[dict]:
+    router_ids = {id(p) for p in model.router_parameters()}
+    groups: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "router": []}
+    params = list(model.named_parameters())
+    if heads is not None:
+        params += [(f"teacher_heads.{n}", p) for n, p in heads.named_parameters()]
+    for name, p in params:
+        if not p.requires_grad:
+            continue
+        if id(p) in router_ids:
+            groups["router"].append(p)
+        elif p.ndim <= 1:
+            groups["no_decay"].append(p)
+        else:
+            groups["decay"].append(p)
+    return [
+        {"params": groups["decay"], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        {"params": groups["no_decay"], "lr": cfg.lr, "weight_decay": 0.0},
+        {"params": groups["router"], "lr": cfg.lr * cfg.router_lr_scale,
+         "weight_decay": cfg.weight_decay, "name": "router"},
+    ]
+
+
+def _pos_weight(tensors: StoreTensors, rows: torch.Tensor, cfg: RunConfig) -> torch.Tensor | None:
+    if tensors.task_type == "multiclass" or cfg.pos_weight is False:
+        return None
+    if cfg.pos_weight is not True:
+        return torch.full((tensors.n_outputs,), float(cfg.pos_weight))
+    keep = rows[tensors.label_mask[rows]]
+    y = tensors.labels[keep].float()  # [n, C]
+    pos = y.sum(0)
+    neg = len(y) - pos
+    return torch.where(pos > 0, neg / pos.clamp_min(1.0), torch.ones_like(pos))
+
+
+def train_seed(cfg: RunConfig, tensors: StoreTensors, spec: FusionSpec,
+               splits: dict[str, list[int]], seed: int,
+               train_mask: dict[str, torch.Tensor] | None = None,
+               val_mask: dict[str, torch.Tensor] | None = None,
+               on_epoch: Callable[[dict[str, float]], None] | None = None) -> SeedResult:
+    """Train one model with one seed; return it with its best-validation weights.
+
+    Args:
+        cfg: the run configuration.
+        tensors: the store's tensors.
+        spec: the fusion spec (from :func:`make_spec`).
+        splits: row indices per split ("train", "val").
+        seed: seeds weights, shuffling, dropout and mask augmentation.
+        train_mask / val_mask: expert masks replacing the stored ones (protocols).
+        on_epoch: called with each epoch's record (for progress bars).
+    """
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = build_fuser(cfg, spec).to(device)
+    train_rows = torch.as_tensor(splits["train"], dtype=torch.long)
+    val_rows = torch.as_tensor(splits["val"], dtype=torch.long)
+    if len(train_rows) == 0 or len(val_rows) == 0:
+        raise MedmixError(f"Training needs non-empty train and val splits; found "
+                          f"{len(train_rows)} train and {len(val_rows)} val rows.")
+
+    losses: dict[nn.Module, float] = {}
+    heads = None
+    if cfg.distill_on:
+        if tensors.teacher is None:
+            raise MedmixError("Distillation is on but no teacher embeddings were loaded. Pass "
+                              "--teacher NAME (extracted into the store) or use --no-distill.")
+        if not model.rep_dim:
+            raise MedmixError(f"Fuser {cfg.fuser!r} exposes no modality representations, so "
+                              f"it cannot be distilled. Run it with --no-distill.")
+        heads = TeacherHeads(tensors.teacher_dims(), model.rep_dim).to(device)
+        for name, w in cfg.distill_losses.items():
+            losses[get_loss(name)().to(device)] = float(w)
+
+    opt = torch.optim.AdamW(_param_groups(model, heads, cfg), lr=cfg.lr, betas=cfg.betas)
+    steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
+    warm = max(1, int(cfg.warmup_epochs * steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    use_scaler = (device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported())
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    pos_weight = _pos_weight(tensors, train_rows, cfg)
+    pos_weight = None if pos_weight is None else pos_weight.to(device)
+    base_mask = tensors.mask if train_mask is None else train_mask
+
+    best = (math.inf, -1, None)
+    history: list[dict[str, float]] = []
+    bad = 0
+    for epoch in range(cfg.epochs):
+        model.train()
+        if heads is not None:
+            heads.train()
+        lam = distill_weight(epoch, cfg.lambda_d_max, cfg.distill_ramp_epochs) if heads else 0.0
+        perm = train_rows[torch.randperm(len(train_rows), generator=gen)]
+        tot = {"task": 0.0, "distill": 0.0, "aux": 0.0}
+        for start in range(0, len(perm), cfg.batch_size):
+            idx = perm[start:start + cfg.batch_size]
+            batch = tensors.batch(idx, base_mask)
+            em = augment_masks(batch.expert_mask, batch.modalities, cfg.modality_dropout,
+                               cfg.expert_dropout, gen)
+            batch = batch.with_masks(em).to(device)
+            with _autocast(device, cfg.amp):
+                out = model(batch)
+                loss = task_loss(out.logits, batch, tensors.task_type, pos_weight)
+                tot["task"] += float(loss.detach()) * len(idx)
+                if out.aux_loss is not None:
+                    loss = loss + out.aux_loss
+                    tot["aux"] += float(out.aux_loss.detach()) * len(idx)
+                if heads is not None and lam > 0:
+                    dl = distillation_loss(out.reps, out.rep_mask, batch.modalities,
+                                           batch.teacher, batch.teacher_mask, heads, losses)
+                    loss = loss + lam * dl
+                    tot["distill"] += float(dl.detach()) * len(idx)
+            if not torch.isfinite(loss):
+                raise MedmixError(f"Training loss became {float(loss)} at epoch {epoch} (seed "
+                                  f"{seed}). Lower --lr, check the store for extreme values, "
+                                  f"or disable --amp.")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            params = [p for g in opt.param_groups for p in g["params"]]
+            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+        val_loss = evaluate_loss(model, tensors, val_rows, device, cfg, pos_weight, val_mask)
+        rec = {"epoch": epoch, "train_loss": tot["task"] / len(train_rows),
+               "distill_loss": tot["distill"] / len(train_rows),
+               "aux_loss": tot["aux"] / len(train_rows), "val_loss": val_loss,
+               "lambda_d": lam}
+        history.append(rec)
+        if on_epoch is not None:
+            on_epoch(rec)
+        if val_loss < best[0] - 1e-6:
+            best = (val_loss, epoch, copy.deepcopy(model.state_dict()))
+            bad = 0
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    model.load_state_dict(best[2])
+    model = model.cpu().eval()
+    val_pred = predict_rows(model, tensors, val_rows, torch.device("cpu"), mask=val_mask)
+    val_labels = tensors.labels[val_rows]
+    thr = (best_threshold(val_pred["probs"], val_labels, tensors.task_type)
+           if cfg.threshold == "val" else float(cfg.threshold))
+    val_metrics = compute_metrics(val_pred["probs"], val_labels, tensors.task_type, thr)
+    return SeedResult(seed, model, best[1], len(history), thr, history, val_metrics,
+                      time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def evaluate_loss(model: Fuser, tensors: StoreTensors, rows: torch.Tensor, device: torch.device,
+                  cfg: RunConfig, pos_weight: torch.Tensor | None,
+                  mask: dict[str, torch.Tensor] | None = None) -> float:
+    """Mean task loss over ``rows`` in eval mode."""
+    model.eval()
+    total, n = 0.0, 0
+    for start in range(0, len(rows), 1024):
+        idx = rows[start:start + 1024]
+        batch = tensors.batch(idx, mask).to(device)
+        with _autocast(device, cfg.amp):
+            out = model(batch)
+        total += float(task_loss(out.logits, batch, tensors.task_type, pos_weight)) * len(idx)
+        n += len(idx)
+    return total / max(n, 1)

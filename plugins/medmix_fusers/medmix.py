@@ -1,0 +1,101 @@
+"""MedMIX (Cho, Li, Qiu 2026): mask-aware expert router inside each modality, mask-aware
+scorer across modalities.
+
+Eq. 2, per modality m with experts k = 1..K_m projected to z_k (missing experts zeroed):
+    g = softmax_k(router(z_k)), unavailable experts scored -1e4;  z^(m) = sum_k g_k z_k,
+    and z^(m) = 0 when no expert of m is present.
+Eq. 3: per-modality head l^(m) = W_m z^(m); per-modality scorer s^(m) = u_m . z^(m);
+    w = softmax_m(s), unavailable modalities scored -1e4; fused = sum_m w^(m) l^(m).
+A sample with no modality gets the model's learned prior logits.
+
+Registered fusers:
+    medmix            the method.
+    medmix-uniform    ablation: uniform mean over the available experts (no router).
+    medmix-mlp-router variant: the shared router is a 2-layer MLP instead of a linear scorer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from medmix_core import FusionModel, FusionSpec, InterFuser, IntraFuser, hookimpl, masked_softmax
+
+
+class RouterIntraFuser(IntraFuser):
+    """One scorer shared by the experts of a modality (eq. 2)."""
+
+    def __init__(self, d: int, n_experts: int, hidden: int = 0) -> None:
+        super().__init__()
+        if hidden:
+            self.score = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        else:
+            self.score = nn.Linear(d, 1)
+
+    def forward(self, z: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.score(z).squeeze(-1)  # [B, K]
+        g = masked_softmax(s, mask)  # [B, K], 0 where masked, all-0 rows when none present
+        return torch.einsum("bk,bkd->bd", g, z), g
+
+
+class MeanIntraFuser(IntraFuser):
+    """Uniform mean over the available experts (the 'no intra-modality router' ablation)."""
+
+    def __init__(self, d: int, n_experts: int) -> None:
+        super().__init__()
+
+    def forward(self, z: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = mask.to(z.dtype)  # [B, K]
+        g = m / m.sum(dim=1, keepdim=True).clamp_min(1.0)
+        return torch.einsum("bk,bkd->bd", g, z), g
+
+
+class ScorerInterFuser(InterFuser):
+    """Per-modality scorer over modality representations (eq. 3)."""
+
+    def __init__(self, n_modalities: int, d: int, n_outputs: int) -> None:
+        super().__init__()
+        self.score = nn.Parameter(torch.empty(n_modalities, d))  # u_m, one per modality
+        self.bias = nn.Parameter(torch.zeros(n_modalities))
+        nn.init.normal_(self.score, std=d ** -0.5)
+
+    def forward(self, logits: torch.Tensor, reps: torch.Tensor,
+                mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = torch.einsum("bmd,md->bm", reps, self.score) + self.bias  # [B, M]
+        w = masked_softmax(s, mask)  # [B, M]
+        return torch.einsum("bm,bmc->bc", w, logits), w
+
+
+def build_medmix(spec: FusionSpec, d: int = 128, dropout: float = 0.1, adapter: bool = True,
+                 router_hidden: int = 0, **_: object) -> FusionModel:
+    """The MedMIX fuser.
+
+    Args:
+        spec: modalities, experts and their dims, outputs.
+        d: shared representation width.
+        dropout: dropout of the per-expert projections.
+        adapter: keep the residual adapters (False = ablation).
+        router_hidden: 0 for a linear shared router, else the hidden width of an MLP router.
+    """
+    return FusionModel(spec, intra=lambda dd, k: RouterIntraFuser(dd, k, router_hidden),
+                       inter=ScorerInterFuser, d=d, dropout=dropout, adapter=adapter)
+
+
+def build_medmix_uniform(spec: FusionSpec, d: int = 128, dropout: float = 0.1,
+                         adapter: bool = True, **_: object) -> FusionModel:
+    """Ablation: MedMIX with the intra-modality router replaced by a uniform mean."""
+    return FusionModel(spec, intra=MeanIntraFuser, inter=ScorerInterFuser, d=d,
+                       dropout=dropout, adapter=adapter)
+
+
+def build_medmix_mlp_router(spec: FusionSpec, d: int = 128, dropout: float = 0.1,
+                            adapter: bool = True, **_: object) -> FusionModel:
+    """Variant: MedMIX with a two-layer MLP as the shared expert router."""
+    return build_medmix(spec, d=d, dropout=dropout, adapter=adapter, router_hidden=max(8, d // 2))
+
+
+@hookimpl
+def register_fusers(register):
+    register("medmix", build_medmix)
+    register("medmix-uniform", build_medmix_uniform)
+    register("medmix-mlp-router", build_medmix_mlp_router)
