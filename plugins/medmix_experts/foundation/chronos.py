@@ -155,8 +155,9 @@ def series_of(ts: TimeSeriesData, variables: list[str], resample_hours: float | 
         if resample_hours is None:
             out.append(v)
             continue
+        # the window's bins; t == horizon falls in the last one, later times add bins
         n_bins = max(int(math.ceil(ts.horizon / resample_hours)),
-                     int(math.floor(t[-1] / resample_hours)) + 1, 1)
+                     int(math.ceil(t[-1] / resample_hours)), 1)
         b = np.minimum((t / resample_hours).astype(np.int64), n_bins - 1)
         sums = np.bincount(b, weights=v, minlength=n_bins)
         counts = np.bincount(b, minlength=n_bins)

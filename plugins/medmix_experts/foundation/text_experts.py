@@ -41,6 +41,8 @@ class TextExpert(FoundationExpert):
     batch_size: ClassVar[int] = 32
     model_class: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]] = ()
+    #: extra keyword arguments for ``from_pretrained`` (BERTs: no unused pooler)
+    model_kwargs: ClassVar[dict[str, Any]] = {}
     poolings: ClassVar[tuple[str, ...]] = ("mean",)
     default_options: ClassVar[dict[str, Any]] = {"max_length": 512, "pooling": "mean"}
 
@@ -91,7 +93,7 @@ class TextExpert(FoundationExpert):
 
         cls = getattr(transformers, self.model_class)
         return cls.from_pretrained(str(self.weights.path), local_files_only=True,
-                                   dtype=self.torch_dtype())
+                                   dtype=self.torch_dtype(), **self.model_kwargs)
 
     def _run(self, input_ids, attention_mask):
         """Model forward -> final hidden states [b, T, d]."""
@@ -149,6 +151,7 @@ class GatorTronExpert(TextExpert):
     family: ClassVar[str] = "domain"
     model_class: ClassVar[str] = "MegatronBertModel"
     model_types: ClassVar[tuple[str, ...]] = ("megatron-bert",)
+    model_kwargs: ClassVar[dict[str, Any]] = {"add_pooling_layer": False}
     poolings: ClassVar[tuple[str, ...]] = ("mean", "cls")
     spec: ClassVar[WeightsSpec] = WeightsSpec(
         name="gatortron", repo_id="UFNLP/gatortron-base", local_names=("gatortron",),
@@ -178,6 +181,7 @@ class MedCPTExpert(TextExpert):
     family: ClassVar[str] = "domain"
     model_class: ClassVar[str] = "BertModel"
     model_types: ClassVar[tuple[str, ...]] = ("bert",)
+    model_kwargs: ClassVar[dict[str, Any]] = {"add_pooling_layer": False}
     poolings: ClassVar[tuple[str, ...]] = ("cls",)
     default_options: ClassVar[dict[str, Any]] = {"max_length": None, "pooling": "cls",
                                                  "encoder": "query"}

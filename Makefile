@@ -1,0 +1,33 @@
+# Two commands on a fresh machine with only Python:  make demo  |  make test
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# CPU wheel by default; on a CUDA machine: make demo TORCH="torch==2.13.0 --index-url ..."
+TORCH  ?= torch==2.13.0
+EXTRAS ?= test,text,timeseries,plots
+STAMP  := $(VENV)/.medmix-installed
+
+.PHONY: setup demo test docs clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and pinned, so no dependency pulls a multi-GB CUDA build
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/medmix run
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+docs: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[docs]"
+	$(BIN)/mkdocs build --strict
+
+clean:
+	rm -rf $(VENV) site
