@@ -144,8 +144,9 @@ def test_biomedclip_views_are_averaged_and_arrays_equal_files(models):
     as_array = np.asarray(Image.open(views[0]))  # [H, W] uint8 grayscale
     np.testing.assert_allclose(ex.encode(IMG, [ImageData(views=[as_array])])[0], single[0],
                                atol=1e-6)
-    # deterministic, and independent of how payloads are batched
-    np.testing.assert_array_equal(ex.encode(IMG, [ImageData(views=[views[0]])]), single[:1])
+    # deterministic (bitwise, same call twice), and independent of batching up to float error
+    np.testing.assert_array_equal(ex.encode(IMG, [ImageData(views=[v]) for v in views[:2]]), single)
+    np.testing.assert_allclose(ex.encode(IMG, [ImageData(views=[views[0]])]), single[:1], atol=1e-6)
     small = BiomedCLIPExpert(batch_size=1)
     np.testing.assert_allclose(small.encode(IMG, [ImageData(views=[v]) for v in views[:2]]),
                                single, atol=1e-5)
@@ -164,7 +165,6 @@ def test_biomedclip_rejects_checkpoint_with_wrong_layout(tmp_path, monkeypatch):
 
 def test_image_volume_25d_pipeline(models, tmp_path):
     """A CT phantom: slices sampled uniformly, HU windowed, per-slice embeddings averaged."""
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     d, h, w = 20, 48, 40
     zz, yy, xx = np.mgrid[0:d, 0:h, 0:w]
@@ -179,17 +179,13 @@ def test_image_volume_25d_pipeline(models, tmp_path):
     got = ex.encode(VOL, [VolumeData(volume=vol)])
     assert got.shape == (1, 16)
 
+    # reference: the windowed slices as grayscale [0, 1] images through the (separately
+    # verified) 2-D path, averaged
     idx = np.round(np.linspace(0, d - 1, 4)).astype(int)  # [0, 6, 13, 19]
-    proc = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                                 image_mean=CLIP_MEAN, image_std=CLIP_STD)
-    slices = []
-    for i in idx:
-        s = (np.clip(vol[i], -1000, 400) + 1000) / 1400.0
-        rgb = np.repeat(s[:, :, None], 3, axis=2)
-        slices.append(proc(rgb, do_rescale=False, return_tensors="np")["pixel_values"][0])
-    ref = tiny.reference_open_clip_vit(models["biomedclip"], torch.from_numpy(np.stack(slices)), 2)
-    # float bicubic on slices vs the processor's path: small resampling differences only
-    np.testing.assert_allclose(got[0], ref.mean(0).numpy(), atol=2e-3)
+    slices = [((np.clip(vol[i], -1000, 400) + 1000) / 1400.0).astype(np.float32) for i in idx]
+    per_slice = ex.encode(IMG, [ImageData(views=[s]) for s in slices])
+    np.testing.assert_allclose(got[0], per_slice.mean(0), atol=1e-6)
+    assert np.abs(per_slice[0] - per_slice[-1]).max() > 1e-4
 
     # files: .npy and .npz give the same result as the array
     np.save(tmp_path / "ct.npy", vol)

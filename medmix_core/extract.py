@@ -1,0 +1,457 @@
+"""Extraction: a dataset plugin and expert plugins -> an :class:`EmbeddingStore`.
+
+For every expert and every modality it accepts, the expert is fitted on the *training*
+split's present payloads only, then encodes every present payload in shards of
+``shard_size`` rows (absent modalities get mask False). Teachers are extracted the same
+way under ``teachers/``, by default for the training rows only (they are training-only).
+
+Resumable. ``extract_state.json`` in the store folder records, per (role, modality,
+encoder), a cache key (dataset identity, sample ids, splits, encoder name, version,
+provenance/options, shard size, teacher rows) and the shards already finished. Re-running
+with the same inputs reuses finished shards and continues after the last one, so an
+interrupted extraction resumes and ends with shards byte-identical to an uninterrupted
+run; a run with nothing left to do returns the store untouched. Adding an expert to an
+existing store keeps the ones already there; changing an expert's options re-extracts
+that expert only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from medmix_core.errors import DataError, MedmixError, UnknownPluginError
+from medmix_core.experts import ExpertEncoder
+from medmix_core.plugins import get_dataset, get_expert, get_teacher, registry
+from medmix_core.store import EmbeddingStore, EncoderEntry, StoreWriter, atomic_write_text
+from medmix_core.types import ModalitySpec, Sample, TaskSpec
+
+STATE_FILE = "extract_state.json"
+STATE_FORMAT = "medmix-extract-state"
+STATE_VERSION = 1
+#: what extraction may delete in ``out`` (never anything else)
+_OWNED = ("manifest.json", "labels.safetensors", "shards", "teachers", "state", STATE_FILE)
+
+
+class ExtractError(MedmixError):
+    """An extraction that cannot run as asked (experts that fit no modality, a foreign
+    store folder, an expert that returns the wrong shape)."""
+
+
+# ---------------------------------------------------------------------- small helpers
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON types from numpy scalars/arrays, tuples and paths."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(_jsonable(obj), sort_keys=True).encode()).hexdigest()
+
+
+def modality_missing_rates(samples: Sequence[Sample],
+                           modalities: Sequence[ModalitySpec]) -> dict[str, float]:
+    """Per modality: the share of samples whose payload is None (absent).
+
+    Args:
+        samples: the dataset's samples.
+        modalities: its modality specs (order kept).
+    Returns:
+        {modality: missing rate in [0, 1]}; 0.0 for every modality when there are no samples.
+    """
+    n = len(samples)
+    if n == 0:
+        return {m.name: 0.0 for m in modalities}
+    return {m.name: sum(s.modalities.get(m.name) is None for s in samples) / n
+            for m in modalities}
+
+
+def label_arrays(samples: Sequence[Sample], tasks: Sequence[TaskSpec]) -> dict[str, np.ndarray]:
+    """Labels per task: binary/multiclass [N] float, multilabel [N, C]; NaN = unknown.
+
+    Raises:
+        DataError: a binary label other than 0/1/NaN, a multi-label row of the wrong
+            length, or a class index outside [0, C).
+    """
+    out: dict[str, np.ndarray] = {}
+    for task in tasks:
+        if task.type == "multilabel":
+            c = len(task.classes)
+            y = np.full((len(samples), c), np.nan, dtype=np.float32)
+            for i, s in enumerate(samples):
+                lab = s.labels.get(task.name)
+                if lab is None:
+                    continue
+                row = np.asarray(lab, dtype=np.float32).ravel()
+                if row.shape != (c,):
+                    raise DataError(f"Sample {s.id!r}, task {task.name!r}: expected {c} "
+                                    f"labels ({task.classes}), found {row.shape[0]}.")
+                y[i] = row
+        else:
+            y = np.array([np.nan if s.labels.get(task.name) is None else
+                          float(np.asarray(s.labels[task.name], dtype=np.float64).ravel()[0])
+                          for s in samples], dtype=np.float32)
+            known = y[~np.isnan(y)]
+            if task.type == "binary" and not np.isin(known, (0.0, 1.0)).all():
+                raise DataError(f"Task {task.name!r} is binary but has labels "
+                                f"{sorted(set(known.tolist()) - {0.0, 1.0})[:5]}; expected 0, 1 "
+                                f"or NaN (unknown).")
+            if task.type == "multiclass" and not (
+                    (known == np.round(known)) & (known >= 0) & (known < len(task.classes))).all():
+                raise DataError(f"Task {task.name!r} is multi-class with {len(task.classes)} "
+                                f"classes; labels must be class indices in [0, "
+                                f"{len(task.classes)}) or NaN.")
+        out[task.name] = y
+    return out
+
+
+def _validate_dataset(name: str, samples: list[Sample], mods: list[ModalitySpec],
+                      splits: dict[str, list[int]]) -> None:
+    if not samples:
+        raise DataError(f"Dataset {name!r} yielded no samples; nothing to extract.")
+    ids = [s.id for s in samples]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise DataError(f"Dataset {name!r}: sample ids must be unique; repeated: {dup}.")
+    kinds = {m.name: m.kind for m in mods}
+    for s in samples:
+        for m, payload in s.modalities.items():
+            if m not in kinds:
+                raise DataError(f"Dataset {name!r}: sample {s.id!r} has modality {m!r}, which is "
+                                f"not among its modalities {list(kinds)}.")
+            if payload is not None and getattr(payload, "kind", None) != kinds[m]:
+                raise DataError(f"Dataset {name!r}: sample {s.id!r}, modality {m!r} is declared "
+                                f"{kinds[m]!r} but holds {type(payload).__name__}.")
+    n = len(samples)
+    if "train" not in splits or not splits["train"]:
+        sizes = {k: len(v) for k, v in splits.items()}
+        raise DataError(f"Dataset {name!r}: the splits have no training rows ({sizes}); "
+                        f"experts are fitted on the training split.")
+    for k, rows in splits.items():
+        if rows and (min(rows) < 0 or max(rows) >= n):
+            raise DataError(f"Dataset {name!r}: split {k!r} has rows outside [0, {n}).")
+
+
+def _resolve(names: Sequence[str], role: str) -> list[tuple[str, type]]:
+    out, seen = [], set()
+    for name in names:
+        if name in seen:
+            continue
+        seen.add(name)
+        if role == "expert":
+            cls = get_expert(name)
+        else:
+            try:
+                cls = get_teacher(name)
+            except UnknownPluginError:
+                try:
+                    cls = get_expert(name)  # any expert can serve as a teacher
+                except UnknownPluginError:
+                    raise UnknownPluginError(
+                        f"Unknown teacher {name!r}: it is neither a registered teacher "
+                        f"({', '.join(registry().names('teachers')) or 'none'}) nor an expert "
+                        f"({', '.join(registry().names('experts')) or 'none'}). Install the "
+                        f"plugin that provides it (`medmix plugins` lists the known names).")
+        out.append((name, cls))
+    return out
+
+
+def _who_fits(mods: list[ModalitySpec]) -> str:
+    reg = registry()
+    parts = []
+    for kind in sorted({m.kind for m in mods}):
+        names = [n for n in reg.names("experts")
+                 if kind in getattr(reg.get("experts", n), "kinds", ())]
+        parts.append(f"{kind}: {', '.join(names) or '(no installed expert)'}")
+    return "; ".join(parts)
+
+
+def _clean_out(out: Path) -> None:
+    for rel in _OWNED:
+        p = out / rel
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+# ---------------------------------------------------------------------- the extraction
+def extract(
+    dataset: str,
+    out: str | Path,
+    experts: Sequence[str],
+    teachers: Sequence[str] = (),
+    source: str | None = None,
+    device: str = "cpu",
+    shard_size: int = 1024,
+    dataset_options: dict[str, Any] | None = None,
+    progress: bool = True,
+    expert_options: dict[str, dict[str, Any]] | None = None,
+    teacher_rows: str = "train",
+    overwrite: bool = False,
+) -> EmbeddingStore:
+    """Extract expert (and teacher) embeddings of a dataset into an EmbeddingStore.
+
+    Args:
+        dataset: registered dataset name (e.g. ``"physionet2012"``).
+        out: store folder; created if needed, resumed if it holds an extraction.
+        experts: expert names; each must accept at least one modality of the dataset.
+        teachers: teacher names (a registered teacher, or any expert used as one).
+        source: the dataset's source (folder, archive, manifest); None = its default.
+        device: where encoders run (``"cpu"``, ``"cuda"``, ...).
+        shard_size: rows per shard file.
+        dataset_options: keyword options for the dataset class (e.g. ``split_seed``).
+        progress: show a progress bar per encoder (rich, on stderr).
+        expert_options: per encoder name, keyword options for its constructor.
+        teacher_rows: ``"train"`` (default: teachers see the training rows only, other rows
+            masked) or ``"all"``.
+        overwrite: replace a store in ``out`` made from other data (different dataset,
+            source, options or splits), or a store not written by ``extract``.
+    Returns:
+        The opened, validated store.
+    Raises:
+        UnknownPluginError: an unknown dataset, expert or teacher name.
+        ExtractError: an encoder that accepts no modality of the dataset, an existing
+            store of other data without ``overwrite``, an encoder output of the wrong shape.
+        DataError: invalid dataset content (duplicate ids, wrong payload kinds, labels).
+    """
+    if isinstance(experts, str):
+        experts = [e.strip() for e in experts.split(",") if e.strip()]
+    if isinstance(teachers, str):
+        teachers = [t.strip() for t in teachers.split(",") if t.strip()]
+    if not experts:
+        raise ExtractError("No experts given; name at least one (e.g. experts=['stats']).")
+    if not isinstance(shard_size, int) or shard_size < 1:
+        raise ExtractError(f"shard_size must be a positive integer, got {shard_size!r}.")
+    if teacher_rows not in ("train", "all"):
+        raise ExtractError(f"teacher_rows must be 'train' or 'all', got {teacher_rows!r}.")
+    expert_options = dict(expert_options or {})
+    unused = sorted(set(expert_options) - set(experts) - set(teachers))
+    if unused:
+        raise ExtractError(f"expert_options names {unused}, which are not among the experts "
+                           f"{list(experts)} or teachers {list(teachers)}.")
+
+    # resolve every name before any slow work, so a typo fails at once
+    ds_cls = get_dataset(dataset)
+    resolved = ([("expert", n, c) for n, c in _resolve(experts, "expert")]
+                + [("teacher", n, c) for n, c in _resolve(teachers, "teacher")])
+
+    ds = ds_cls(source=source, **(dataset_options or {}))
+    samples = ds.samples()
+    mods = ds.modalities()
+    tasks = ds.tasks()
+    splits = {k: sorted(int(i) for i in v) for k, v in ds.splits(samples).items()}
+    _validate_dataset(dataset, samples, mods, splits)
+    n = len(samples)
+    ids = [str(s.id) for s in samples]
+    data_key = {"identity": ds.identity(), "n": n, "ids": _hash(ids), "splits": _hash(splits)}
+    data_hash = _hash(data_key)
+
+    encoders: list[tuple[str, str, ExpertEncoder, list[ModalitySpec]]] = []
+    for role, name, cls in resolved:
+        enc = cls(**expert_options.get(name, {}))
+        if not isinstance(enc, ExpertEncoder):
+            raise ExtractError(f"The {role} {name!r} is a {type(enc).__name__}, not an "
+                               f"ExpertEncoder; the plugin registered the wrong object.")
+        accepted = [m for m in mods if enc.accepts(m)]
+        if not accepted:
+            have = ", ".join(f"{m.name} ({m.kind})" for m in mods)
+            raise ExtractError(
+                f"The {role} {name!r} (kinds {list(getattr(enc, 'kinds', ()))}) accepts no "
+                f"modality of dataset {dataset!r}, whose modalities are: {have}. Experts that "
+                f"fit them -> {_who_fits(mods)}.")
+        encoders.append((role, name, enc.to(device), accepted))
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = _open_state(out, data_hash, data_key, overwrite)
+    writer = StoreWriter(out)
+    train = np.zeros(n, dtype=bool)
+    train[splits["train"]] = True
+
+    # a key per (role, modality, encoder); entries already complete are not touched
+    todo = []
+    for role, name, enc, accepted in encoders:
+        for m in accepted:
+            key = _hash({"data": data_hash, "role": role, "name": name,
+                         "class": f"{type(enc).__module__}.{type(enc).__qualname__}",
+                         "version": getattr(enc, "version", "1"), "provenance": enc.provenance(),
+                         "modality": vars(m), "shard_size": shard_size,
+                         "rows": teacher_rows if role == "teacher" else "all"})
+            todo.append((role, name, enc, m, key))
+    wanted = {f"{role}:{m.name}:{name}": key for role, name, _, m, key in todo}
+    done = all(state["encoders"].get(k, {}).get("key") == v
+               and state["encoders"][k].get("complete") for k, v in wanted.items())
+    if done and (out / "manifest.json").is_file() and state.get("manifest_key") == _hash(
+            sorted((k, e["key"]) for k, e in state["encoders"].items() if e.get("complete"))):
+        return EmbeddingStore.open(out)
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+        TimeElapsedColumn
+
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=Console(stderr=True), disable=not progress)
+    with bars:
+        totals: dict[tuple[str, str], int] = {}
+        for role, name, _, _, _ in todo:
+            totals[(role, name)] = totals.get((role, name), 0) + n
+        tasks_by_enc = {label: bars.add_task(f"{label[0]} {label[1]}", total=total)
+                        for label, total in totals.items()}
+        for role, name, enc, m, key in todo:
+            _extract_one(writer, state, samples, train, role, name, enc, m, key, shard_size,
+                         teacher_rows, bars, tasks_by_enc[(role, name)])
+
+    labels_file, labels_sha = writer.write_labels(label_arrays(samples, tasks))
+    experts_m: dict[str, list[EncoderEntry]] = {}
+    teachers_m: dict[str, list[EncoderEntry]] = {}
+    order = {m.name: i for i, m in enumerate(mods)}
+    for k, e in state["encoders"].items():
+        if not e.get("complete"):
+            continue
+        role, modality, name = k.split(":", 2)
+        entry = EncoderEntry(modality=modality, name=name, dim=e["dim"], role=role,
+                             family=e["family"], provenance=e["provenance"],
+                             shards=e["shards"], state_file=e["state_file"])
+        (experts_m if role == "expert" else teachers_m).setdefault(modality, []).append(entry)
+    experts_m = dict(sorted(experts_m.items(), key=lambda kv: order.get(kv[0], len(order))))
+    teachers_m = dict(sorted(teachers_m.items(), key=lambda kv: order.get(kv[0], len(order))))
+    report = {"dataset": _jsonable(ds.report()),
+              "missing_rates": modality_missing_rates(samples, mods),
+              "n_samples": n, "split_sizes": {k: len(v) for k, v in splits.items()},
+              "teacher_rows": teacher_rows}
+    writer.write_manifest(sample_ids=ids, modalities=mods, tasks=tasks, splits=splits,
+                          experts=experts_m, teachers=teachers_m, labels_file=labels_file,
+                          labels_sha256=labels_sha, dataset=_jsonable(data_key["identity"]),
+                          report=report)
+    state["manifest_key"] = _hash(sorted((k, e["key"]) for k, e in state["encoders"].items()
+                                         if e.get("complete")))
+    _save_state(out, state)
+    return EmbeddingStore.open(out)
+
+
+def _open_state(out: Path, data_hash: str, data_key: dict, overwrite: bool) -> dict[str, Any]:
+    """The extraction state of ``out``, or a fresh one (clearing ``out`` when allowed)."""
+    path = out / STATE_FILE
+    fresh = {"format": STATE_FORMAT, "version": STATE_VERSION, "data_hash": data_hash,
+             "data": _jsonable(data_key), "encoders": {}}
+    state = None
+    if path.is_file():
+        try:
+            state = json.loads(path.read_text("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            state = None  # a state we cannot read is rebuilt; shards are re-made
+        if state is not None and (state.get("format") != STATE_FORMAT
+                                  or state.get("version") != STATE_VERSION):
+            state = None
+    if state is not None and state.get("data_hash") == data_hash:
+        return state
+    foreign = state is not None or (out / "manifest.json").exists()
+    if foreign and not overwrite:
+        what = (f"an extraction of other data ({json.dumps(state.get('data', {}).get('identity'))})"
+                if state is not None else "a store not written by `medmix extract`")
+        raise ExtractError(f"{out} already holds {what}. Use another --out, or pass "
+                           f"overwrite=True (`--overwrite`) to replace it.")
+    _clean_out(out)
+    _save_state(out, fresh)
+    return fresh
+
+
+def _save_state(out: Path, state: dict[str, Any]) -> None:
+    atomic_write_text(out / STATE_FILE, json.dumps(_jsonable(state), indent=1))
+
+
+def _extract_one(writer: StoreWriter, state: dict[str, Any], samples: list[Sample],
+                 train: np.ndarray, role: str, name: str, enc: ExpertEncoder, m: ModalitySpec,
+                 key: str, shard_size: int, teacher_rows: str, bars, bar) -> None:
+    """Fit (or restore) one encoder on one modality and write its missing shards."""
+    n = len(samples)
+    label = f"{role}:{m.name}:{name}"
+    prev = state["encoders"].get(label)
+    folder = writer.path / ("shards" if role == "expert" else "teachers") / m.name / name
+    state_name = name if role == "expert" else f"{name}.teacher"
+    if prev is None or prev.get("key") != key:
+        if folder.exists():  # shards of other inputs; they must not be mixed in
+            shutil.rmtree(folder)
+        if prev and prev.get("state_file"):
+            (writer.path / prev["state_file"]).unlink(missing_ok=True)
+        prev = None
+    dim = int(enc.dim(m))
+    payload = [s.modalities.get(m.name) for s in samples]
+    present = np.array([p is not None for p in payload], dtype=bool)
+    if role == "teacher" and teacher_rows == "train":
+        present &= train
+
+    # shards already finished under this key, in order, still intact on disk
+    kept: list[dict[str, Any]] = []
+    if prev is not None:
+        for rec in prev.get("shards", []):
+            p = writer.path / rec["file"]
+            rows = rec["stop"] - rec["start"]
+            if (rec["start"] != len(kept) * shard_size or not p.is_file()
+                    or p.stat().st_size != rec["bytes"]
+                    or not writer.has_shard(rec["file"], rows, dim)):
+                break
+            kept.append(rec)
+    n_shards = (n + shard_size - 1) // shard_size
+    if prev is not None and prev.get("complete") and len(kept) == n_shards:
+        bars.advance(bar, n)
+        return
+
+    entry = {"key": key, "dim": dim, "family": getattr(enc, "family", "domain"),
+             "provenance": _jsonable(enc.provenance()), "shards": kept,
+             "state_file": prev.get("state_file") if prev else None, "complete": False}
+    saved = entry["state_file"] and (writer.path / entry["state_file"]).is_file()
+    if saved:
+        from safetensors.numpy import load_file
+        enc.set_state(m, load_file(str(writer.path / entry["state_file"])))
+    else:
+        fit_rows = np.flatnonzero(present & train)
+        enc.fit(m, [payload[i] for i in fit_rows])
+        entry["state_file"] = writer.write_state(m.name, state_name, enc.get_state(m))
+    state["encoders"][label] = entry
+    _save_state(writer.path, state)
+    bars.advance(bar, len(kept) * shard_size)
+
+    bs = max(1, int(getattr(enc, "batch_size", 256) or 256))
+    for k in range(len(kept), n_shards):
+        start, stop = k * shard_size, min(n, (k + 1) * shard_size)
+        rows = np.flatnonzero(present[start:stop]) + start
+        emb = np.zeros((stop - start, dim), dtype=np.float32)  # [n, d]; masked rows stay 0
+        for b in range(0, len(rows), bs):
+            chunk = rows[b:b + bs]
+            x = np.asarray(enc.encode(m, [payload[i] for i in chunk]), dtype=np.float32)
+            if x.shape != (len(chunk), dim):
+                raise ExtractError(f"The {role} {name!r} returned shape {list(x.shape)} for "
+                                   f"{len(chunk)} {m.name!r} payloads; expected "
+                                   f"[{len(chunk)}, {dim}] (its dim()).")
+            if not np.isfinite(x).all():
+                raise ExtractError(f"The {role} {name!r} produced NaN/Inf for modality "
+                                   f"{m.name!r} (rows {chunk[:5].tolist()}...). Encoders must "
+                                   f"return finite values for present payloads.")
+            emb[chunk - start] = x
+        mask = np.zeros(stop - start, dtype=bool)
+        mask[rows - start] = True
+        rec = writer.write_shard(writer.shard_path(m.name, name, k, role), emb, mask)
+        rec.update(start=start, stop=stop)
+        entry["shards"].append(rec)
+        _save_state(writer.path, state)
+        bars.advance(bar, stop - start)
+    entry["complete"] = True
+    _save_state(writer.path, state)

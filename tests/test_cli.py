@@ -1,0 +1,97 @@
+"""The CLI end to end on a small synthetic store."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from medmix_core.cli import app
+
+runner = CliRunner()
+
+
+def _rows(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_help_lists_commands():
+    res = runner.invoke(app, ["--help"])
+    assert res.exit_code == 0
+    for cmd in ("run", "extract", "plugins", "predict"):
+        assert cmd in res.output
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synth_store_path):
+    out = tmp_path_factory.mktemp("run") / "r"
+    res = runner.invoke(app, ["run", "--store", str(synth_store_path), "--dataset", "synthetic",
+                              "--seeds", "2", "--epochs", "5", "--d", "16", "--out", str(out),
+                              "--teacher", "teacher", "--external-test", str(synth_store_path)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_run_writes_every_promised_file(trained):
+    for f in ("config.json", "metrics.json", "predictions.csv", "encoders.json",
+              "seed_0/model.safetensors", "seed_0/model.json", "seed_1/model.safetensors"):
+        assert (trained / f).is_file(), f
+    m = json.loads((trained / "metrics.json").read_text())
+    assert m["fuser"] == "medmix" and m["seeds"] == [0, 1] and m["distill"] is True
+    for k in ("auroc", "auprc", "macro_f1", "accuracy"):
+        assert set(m["test"][k]) == {"mean", "std"}
+        assert 0.0 <= m["test"][k]["mean"] <= 1.0
+        assert set(m["external"][k]) == {"mean", "std"}
+    cfg = json.loads((trained / "config.json").read_text())
+    assert cfg["teacher"] == "teacher" and cfg["epochs"] == 5
+
+
+def test_saved_model_holds_no_teacher_parameter(trained):
+    from safetensors import safe_open
+
+    with safe_open(str(trained / "seed_0" / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and not any("teacher" in k for k in keys)
+
+
+def test_predict_reproduces_the_test_predictions(trained, synth_store_path, tmp_path):
+    out = tmp_path / "p.csv"
+    res = runner.invoke(app, ["predict", str(trained), "--source", str(synth_store_path),
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    pred = {r["sample_id"]: r for r in _rows(out)}
+    test = _rows(trained / "predictions.csv")
+    assert test
+    for r in test:
+        assert float(pred[r["sample_id"]]["prob"]) == pytest.approx(float(r["prob"]), abs=1e-5)
+        assert float(pred[r["sample_id"]]["prob_seed1"]) == pytest.approx(float(r["prob_seed1"]),
+                                                                          abs=1e-5)
+    assert "router_mod0_e0" in pred[test[0]["sample_id"]]
+
+
+def test_unknown_fuser_fails_fast_with_close_match(synth_store_path):
+    res = runner.invoke(app, ["run", "--store", str(synth_store_path), "--fuser", "medmx"])
+    assert res.exit_code == 2
+    assert "Did you mean 'medmix'" in res.output
+
+
+def test_bad_flag_value_is_a_clear_error(synth_store_path):
+    res = runner.invoke(app, ["run", "--store", str(synth_store_path), "--device", "tpu"])
+    assert res.exit_code == 2 and "device = 'tpu'" in res.output
+
+
+def test_show_config_prints_the_resolved_configuration(tmp_path):
+    (tmp_path / "c.yaml").write_text("fuser: meanavg\nepochs: 7\n")
+    res = runner.invoke(app, ["run", "--config", str(tmp_path / "c.yaml"), "--epochs", "9",
+                              "--show-config"])
+    assert res.exit_code == 0
+    cfg = json.loads(res.output)
+    assert cfg["fuser"] == "meanavg" and cfg["epochs"] == 9
+
+
+def test_predict_on_a_folder_that_is_not_a_run(tmp_path, synth_store_path):
+    res = runner.invoke(app, ["predict", str(tmp_path), "--source", str(synth_store_path)])
+    assert res.exit_code == 2 and "holds no trained model" in res.output
