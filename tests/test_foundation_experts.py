@@ -210,7 +210,7 @@ def test_volume_errors_are_clear(models, tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         ex.encode(VOL, [VolumeData(volume=str(tmp_path / "absent.npy"))])
     bad = np.zeros((3, 8, 8), dtype=np.float32)
-    bad[1, 2, 2] = np.nan
+    bad[2, 2, 2] = np.nan  # a sampled slice (n_slices=2 of 3 -> slices 0 and 2)
     with pytest.raises(DataError, match="NaN"):
         ex.encode(VOL, [VolumeData(volume=bad)])
     nii = tmp_path / "ct.nii.gz"
@@ -281,8 +281,9 @@ def _manual_pool(model, tok, texts, pooling, max_length=512):
 
 
 def test_gatortron_tiny_same_architecture_loads_and_pools(models):
-    model, tok = models["gatortron"]
+    model, _ = models["gatortron"]
     ex = GatorTronExpert()
+    tok = ex.tokenizer
     assert ex.dim(TXT) == 32 and ex.family == "domain"
     texts = tiny.CLINICAL_TEXTS
     out = ex.encode(TXT, [TextData(t) for t in texts])  # one padded batch
@@ -305,8 +306,9 @@ def test_text_pooling_ignores_padding(models):
 
 
 def test_qwen2_tiny_same_architecture_loads_and_pools(models):
-    model, tok = models["qwen2"]
+    model, _ = models["qwen2"]
     ex = Qwen2Expert()
+    tok = ex.tokenizer  # AutoTokenizer maps a qwen2 checkpoint to Qwen2Tokenizer
     assert ex.dim(TXT) == 32 and ex.family == "general"
     texts = tiny.CLINICAL_TEXTS
     out = ex.encode(TXT, [TextData(t) for t in texts])
@@ -401,7 +403,7 @@ def test_chronos_tiny_same_architecture_loads_and_pools(models):
                 bins[b] = v[sel].mean()
         ids, mask = _chronos_tokens(bins)
         with torch.no_grad():
-            h = enc(input_ids=torch.tensor([ids]), attention_mask=torch.tensor([mask]).long())
+            h = enc(input_ids=torch.from_numpy(ids[None]), attention_mask=torch.from_numpy(mask[None]).long())
         h = h.last_hidden_state[0].numpy()
         embs.append(h[mask].mean(0))
     np.testing.assert_allclose(out[0], np.mean(embs, axis=0), atol=1e-5)
@@ -496,7 +498,9 @@ def test_weights_found_in_hugging_face_cache_layout(model_dir, monkeypatch, tmp_
 
 def test_wrong_model_in_folder_is_named(model_dir, monkeypatch):
     root, _ = model_dir
-    with pytest.raises(CheckpointError, match="model_type='dinov2'"):
+    with pytest.raises(CheckpointError, match="model_type='qwen2'"):
+        GatorTronExpert(model_path=str(root / "qwen2"))
+    with pytest.raises(WeightsNotFoundError, match="lacks a tokenizer"):
         GatorTronExpert(model_path=str(root / "dinov2"))
 
 

@@ -42,6 +42,7 @@ unknown length of stay, -1, gives a NaN label).
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 import tarfile
 from pathlib import Path
@@ -286,9 +287,6 @@ def _parse_stays(files: list[tuple[str, bytes]], counts: _Counts) -> dict[str, n
         same = (buf[ps[rows, None] + np.arange(len(name))] == name).all(axis=1)
         code[rows[~same]] = -1
     unknown = reg & (code < 0)
-    for r in np.flatnonzero(unknown):
-        nm = bytes(buf[ps[r]:pe[r]]).decode("utf-8", "replace")
-        counts.unknown_parameters[nm] = counts.unknown_parameters.get(nm, 0) + 1
 
     # ---- values: blank everything but the value fields of regular lines, parse in one call
     good = reg & ~unknown
@@ -305,7 +303,11 @@ def _parse_stays(files: list[tuple[str, bytes]], counts: _Counts) -> dict[str, n
 
     # ---- irregular files go line by line
     bad_files = np.unique(stay[~reg])
-    fast = good & ~np.isin(stay, bad_files)
+    in_fast_file = ~np.isin(stay, bad_files)
+    fast = good & in_fast_file
+    for r in np.flatnonzero(unknown & in_fast_file):  # irregular files count their own
+        nm = bytes(buf[ps[r]:pe[r]]).decode("utf-8", "replace")
+        counts.unknown_parameters[nm] = counts.unknown_parameters.get(nm, 0) + 1
     keep_val = fast[good]
     out = {"stay": stay[fast], "line": line[fast], "code": code[fast],
            "time": hours[fast], "value": values[keep_val]}
@@ -585,6 +587,49 @@ def missing_rates(samples: list[Sample], modalities: list[ModalitySpec]) -> dict
     """
     n = max(len(samples), 1)
     return {m.name: sum(s.modalities.get(m.name) is None for s in samples) / n for m in modalities}
+
+
+def write_subset(dest: str | Path, record_ids: list[int] | int, source: str | None = None,
+                 as_tar: bool = False) -> Path:
+    """Write some stays of a cohort in the challenge layout (quick demos and tests).
+
+    Args:
+        dest: output folder (created), or the tarball path when ``as_tar``.
+        record_ids: RecordIDs to keep, or an int n for the n smallest RecordIDs.
+        source: the cohort to read (default: the bundled set A).
+        as_tar: write a ``.tar.gz`` instead of a folder.
+    Returns:
+        ``dest``, usable as ``source`` of :class:`PhysioNet2012`.
+    Raises:
+        DataError: a requested RecordID that the source does not hold.
+    """
+    records, outcomes = PhysioNet2012(source)._read()
+    ids = sorted(records)[:record_ids] if isinstance(record_ids, int) else list(record_ids)
+    lacking = [i for i in ids if i not in records]
+    if lacking:
+        raise DataError(f"write_subset: RecordIDs {lacking[:5]} are not in the source.")
+    cols = ["RecordID", "SAPS-I", "SOFA", "Length_of_stay", "Survival", "In-hospital_death"]
+
+    def fmt(x: float) -> str:
+        return str(int(x)) if np.isfinite(x) and float(x).is_integer() else repr(float(x))
+
+    lines = [",".join(cols)] + [",".join(fmt(outcomes[i].get(c, np.nan)) for c in cols)
+                                for i in sorted(ids)]
+    files = {f"{records[i][0]}/{i}.txt": records[i][2] for i in sorted(ids)}
+    files["Outcomes-a.txt"] = ("\n".join(lines) + "\n").encode()
+    dest = Path(dest)
+    if as_tar:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(dest, "w:gz") as tf:
+            for name, data in files.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+        return dest
+    for name, data in files.items():
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        (dest / name).write_bytes(data)
+    return dest
 
 
 @hookimpl

@@ -221,7 +221,8 @@ class StatsExpert(ExpertEncoder):
     def _raw(self, modality: ModalitySpec, payloads: Sequence[Any]):
         if modality.kind == "timeseries":
             feats, valid = ts_summary(modality, payloads)  # [N, V, 6]
-            return feats.reshape(len(payloads), -1), valid.reshape(len(payloads), -1)
+            f = len(modality.variables) * len(TS_FEATURES)
+            return feats.reshape(len(payloads), f), valid.reshape(len(payloads), f)
         x = tabular_matrix(modality, payloads)  # [N, V]
         return x, ~np.isnan(x)
 

@@ -6,7 +6,9 @@ All three accept modality kinds ``image`` and ``volume``:
   gets the mean of its view embeddings, so the output does not depend on view count.
 * ``VolumeData`` (CT): the 2.5D pipeline of :mod:`.imaging` -- ``n_slices`` uniformly
   sampled axial slices (default 16), HU window ``hu_window`` (default (-1000, 400)) rescaled
-  to [0, 1], gray -> RGB, per-slice 2-D embedding, mean over slices.
+  to [0, 1], gray -> RGB, per-slice 2-D embedding, mean over slices. A payload carrying its
+  own ``n_slices`` / ``hu_window`` attributes (the ``manifest`` dataset sets them from its
+  spec) uses them unless the expert was given those options explicitly.
 
 Options (besides the common ones of :mod:`.base`): ``n_slices``, ``hu_window``; DINOv2 and
 DINOv3 also ``pooling`` ("cls": the final-norm CLS token; "mean": mean of the patch tokens,
@@ -76,6 +78,24 @@ class ImageExpert(FoundationExpert):
                     f"model_path/MEDMIX_MODEL_DIR at {self.weights.repo_id}."
                 )
 
+    def _volume_settings(self, payload: VolumeData) -> tuple[int, tuple[float, float]]:
+        """(n_slices, hu_window): an option given to the expert wins, then the payload's own
+        ``n_slices`` / ``hu_window`` attributes (set by a dataset, e.g. ``manifest``), then
+        the defaults (16, (-1000, 400))."""
+        n = self.opts["n_slices"]
+        if "n_slices" not in self.options and getattr(payload, "n_slices", None) is not None:
+            n = int(payload.n_slices)
+            if n < 1:
+                raise DataError(f"{self.name}: a volume asks for n_slices={n}; expected >= 1.")
+        window = self.opts["hu_window"]
+        if "hu_window" not in self.options and getattr(payload, "hu_window", None) is not None:
+            lo, hi = (float(v) for v in payload.hu_window)
+            if not lo < hi:
+                raise DataError(f"{self.name}: a volume asks for hu_window=({lo}, {hi}); "
+                                f"expected low < high.")
+            window = (lo, hi)
+        return n, window
+
     def preprocess(self) -> ImagePreprocess:
         raise NotImplementedError
 
@@ -138,9 +158,8 @@ class ImageExpert(FoundationExpert):
                     if len(pending) >= bs:
                         flush()
             else:
-                lo, hi = self.opts["hu_window"]
-                for s in volume_slices(p.volume, int(self.opts["n_slices"]), (lo, hi),
-                                       where=f"{modality.name}[{i}]"):
+                n_slices, window = self._volume_settings(p)
+                for s in volume_slices(p.volume, n_slices, window, where=f"{modality.name}[{i}]"):
                     pending.append(prep(s))
                     owners.append(i)
                     if len(pending) >= bs:

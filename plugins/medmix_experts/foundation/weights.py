@@ -120,6 +120,13 @@ def _why_incomplete(folder: Path, spec: WeightsSpec) -> str:
     return "exists but lacks " + " and ".join(missing)
 
 
+def _expected(spec: WeightsSpec) -> str:
+    parts = [" or ".join(spec.config_files), " or ".join(spec.weight_files)]
+    if spec.tokenizer_files:
+        parts.append("a tokenizer (" + " or ".join(spec.tokenizer_files) + ")")
+    return ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
 def _hf_snapshots(cache: Path, repo_id: str) -> list[Path]:
     """Snapshot folders of ``repo_id`` in a hub cache: the ``main`` ref first, newest next."""
     repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
@@ -180,8 +187,8 @@ def resolve_weights(
             return ResolvedWeights(folder, "model_path", repo, *found, looked=[str(folder)])
         raise WeightsNotFoundError(
             f"Weights of {model_label} not found at model_path={str(folder)!r}: the folder "
-            f"{_why_incomplete(folder, spec)}. Expected {' or '.join(spec.config_files)} and "
-            f"{' or '.join(spec.weight_files)} in it. Point model_path at the folder that "
+            f"{_why_incomplete(folder, spec)}. Expected {_expected(spec)} in it. Point "
+            f"model_path at the folder that "
             f"holds the downloaded files, or drop model_path to search MEDMIX_MODEL_DIR and "
             f"the Hugging Face cache.\n" + _download_hint(spec, repo)
         )

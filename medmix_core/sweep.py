@@ -1,0 +1,188 @@
+"""``medmix sweep``: missing-modality protocols over rates, fusers and seeds.
+
+Test-time protocols (``test-*``) train each fuser once per seed (protocol ``natural``)
+and evaluate the saved models under every rate's masks. Train-time and population
+protocols (``train-*``, ``mar``, ``mnar``) retrain per rate. Outputs in ``--out``:
+``sweep.json``, ``sweep.md`` and ``sweep.csv`` (mean ± std over seeds, shaped like the
+paper's Tables 2-3) and ``sweep_<metric>.png`` (metric against rate, one line per fuser
+and target modality, ±1 std bands).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medmix_core.batch import StoreTensors
+from medmix_core.config import RunConfig
+from medmix_core.metrics import METRICS, compute_metrics, mean_std
+from medmix_core.protocols import N_AVAILABLE, Protocol, apply_protocol, describe, parse_protocols
+from medmix_core.runner import clean_json, ensure_store, is_store, load_model, load_tensors, run
+from medmix_core.store import EmbeddingStore, atomic_write_bytes, atomic_write_text
+from medmix_core.training import predict_rows
+
+
+def _eval_masks(proto: Protocol, tensors: StoreTensors, rows: torch.Tensor, seed: int):
+    labels = None
+    if proto.name == "mnar":
+        labels = tensors.labels.reshape(tensors.n, -1)[:, 0]
+        rows = rows[tensors.label_mask[rows]]
+    return apply_protocol(tensors.mask, tensors.modalities, proto, seed, rows=rows, labels=labels)
+
+
+def _evaluate_saved(run_dir: Path, tensors: StoreTensors, rows: torch.Tensor,
+                    protos: list[Protocol]) -> dict[str, list[dict[str, Any]]]:
+    """Per protocol label: per-seed metrics of the saved models under that protocol."""
+    out: dict[str, list[dict[str, Any]]] = {describe(p): [] for p in protos}
+    labels = tensors.labels[rows]
+    for folder in sorted(run_dir.glob("seed_*")):
+        model, meta = load_model(folder)
+        for p in protos:
+            mask = _eval_masks(p, tensors, rows, int(meta["seed"]))
+            pred = predict_rows(model, tensors, rows, torch.device("cpu"), mask=mask)
+            out[describe(p)].append(compute_metrics(pred["probs"], labels, tensors.task_type,
+                                                    meta["threshold"]))
+    return out
+
+
+def sweep(base: RunConfig, protocol: str, rates: list[float], fusers: list[str], out: Path,
+          modality: str | None = None, strength: float = 0.0, covariate: str | None = None,
+          keep_last: bool = True, log=print) -> list[dict[str, Any]]:
+    """Run a protocol sweep; write tables and plots; return the result rows."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = ensure_store(base, log)
+    probe = load_tensors(base, store, teacher_needed=False)
+    if protocol == "mar" and covariate is None:
+        covariate = N_AVAILABLE
+    protos = parse_protocols(protocol, rates, probe.modalities, modality, strength, covariate,
+                             keep_last)
+    rows_out: list[dict[str, Any]] = []
+    for fuser in fusers:
+        if protos[0].phase in ("test", "none"):
+            cfg = base.model_copy(update={"fuser": fuser, "out": str(out / fuser / "natural"),
+                                          "protocol": None})
+            metrics = run(cfg, log)
+            tensors = load_tensors(cfg, store, teacher_needed=fuser in ("adacomed",
+                                                                         "teacher-only"))
+            rows = torch.as_tensor(store.splits["test"], dtype=torch.long)
+            rows_out.append(_row(fuser, "natural", 0.0, None, metrics["per_seed"]))
+            for label, per_seed in _evaluate_saved(out / fuser / "natural", tensors, rows,
+                                                   protos).items():
+                p = next(q for q in protos if describe(q) == label)
+                rows_out.append(_row(fuser, label, p.rate, p.modality, per_seed))
+            if base.external_test and is_store(base.external_test):
+                used = sorted({n for v in tensors.experts.values() for n in v})
+                ext = StoreTensors.from_store(EmbeddingStore.open(base.external_test),
+                                              base.task, used)
+                erows = torch.arange(ext.n)
+                for label, per_seed in _evaluate_saved(out / fuser / "natural", ext, erows,
+                                                       protos).items():
+                    p = next(q for q in protos if describe(q) == label)
+                    rows_out.append(_row(fuser, label, p.rate, p.modality, per_seed,
+                                         split="external"))
+        else:
+            base_cfg = base.model_copy(update={"fuser": fuser, "protocol": None,
+                                               "out": str(out / fuser / "natural")})
+            rows_out.append(_row(fuser, "natural", 0.0, None, run(base_cfg, log)["per_seed"]))
+            for p in protos:
+                label = describe(p)
+                cfg = base.model_copy(update={"fuser": fuser, "protocol": p.model_dump(),
+                                              "out": str(out / fuser / _slug(label))})
+                rows_out.append(_row(fuser, label, p.rate, p.modality, run(cfg, log)["per_seed"]))
+    write_sweep(rows_out, out, protocol)
+    return rows_out
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label).strip("_")
+
+
+def _row(fuser: str, label: str, rate: float, modality: str | None,
+         per_seed: list[dict[str, Any]], split: str = "test") -> dict[str, Any]:
+    return {"fuser": fuser, "protocol": label, "rate": rate, "modality": modality,
+            "split": split, "n_seeds": len(per_seed),
+            **{k: mean_std([m[k] for m in per_seed]) for k in METRICS}}
+
+
+def _fmt(ms: dict[str, float]) -> str:
+    if ms["mean"] is None or math.isnan(ms["mean"]):
+        return "undefined"
+    return f"{ms['mean']:.3f} ± {ms['std']:.3f}"
+
+
+def write_sweep(rows: list[dict[str, Any]], out: Path, protocol: str) -> None:
+    """sweep.json, sweep.md, sweep.csv and one PNG per metric."""
+    atomic_write_text(out / "sweep.json", json.dumps(clean_json(rows), indent=1))
+    md = [f"# Sweep: {protocol}", "",
+          "| Method | Split | Protocol | Rate | AUROC | AUPRC | macro-F1 | Accuracy |",
+          "|---|---|---|---|---|---|---|---|"]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["fuser", "split", "protocol", "rate", "modality", "n_seeds"]
+               + [f"{k}_{s}" for k in METRICS for s in ("mean", "std")])
+    for r in rows:
+        md.append(f"| {r['fuser']} | {r['split']} | {r['protocol']} | {r['rate']:g} | "
+                  + " | ".join(_fmt(r[k]) for k in METRICS) + " |")
+        w.writerow([r["fuser"], r["split"], r["protocol"], r["rate"], r["modality"] or "",
+                    r["n_seeds"]] + [r[k][s] for k in METRICS for s in ("mean", "std")])
+    atomic_write_text(out / "sweep.md", "\n".join(md) + "\n")
+    atomic_write_text(out / "sweep.csv", buf.getvalue())
+    try:
+        plot_sweep(rows, out, protocol)
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install 'medmix[plots]').")
+
+
+def atomic_savefig(fig, path: Path) -> None:
+    """Save a matplotlib figure as PNG through a temp file and a rename."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_sweep(rows: list[dict[str, Any]], out: Path, protocol: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for split in sorted({r["split"] for r in rows}):
+        for k in METRICS:
+            fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+            lines: dict[tuple, list[dict]] = {}
+            natural = {r["fuser"]: r for r in rows if r["protocol"] == "natural"
+                       and r["split"] == "test"}
+            for r in rows:
+                if r["split"] != split or r["protocol"] == "natural":
+                    continue
+                lines.setdefault((r["fuser"], r["modality"]), []).append(r)
+            for (fuser, mod), pts in sorted(lines.items(), key=lambda x: str(x[0])):
+                if split == "test" and fuser in natural:
+                    pts = [natural[fuser]] + pts
+                pts = sorted(pts, key=lambda r: r["rate"])
+                x = [p["rate"] for p in pts]
+                y = [p[k]["mean"] if p[k]["mean"] is not None else math.nan for p in pts]
+                s = [p[k]["std"] if p[k]["std"] is not None else 0.0 for p in pts]
+                label = fuser if mod is None else f"{fuser} – drop {mod}"
+                ax.plot(x, y, marker="o", label=label)
+                ax.fill_between(x, [a - b for a, b in zip(y, s)], [a + b for a, b in zip(y, s)],
+                                alpha=0.15)
+            ax.set_xlabel("missing rate")
+            ax.set_ylabel(k.replace("_", "-").upper() if k != "macro_f1" else "macro-F1")
+            ax.set_title(f"{protocol} ({split}): {k} vs rate, mean ± std over seeds")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            path = out / (f"sweep_{k}.png" if split == "test" else f"sweep_{split}_{k}.png")
+            atomic_savefig(fig, path)
+            plt.close(fig)
+            paths.append(path)
+    return paths
