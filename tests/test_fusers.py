@@ -382,7 +382,6 @@ def test_no_inter_uses_one_modality(stores):
 
 # ----------------------------------------------------------------------------- MedMIX router
 
-@pytest.mark.slow
 def test_medmix_router_prefers_the_informative_expert(tmp_path):
     store = write_synthetic_store(tmp_path / "s", n=500, n_modalities=2, experts_per_modality=2,
                                   dims=(16, 16), expert_informativeness=[[3.0, 0.0], [3.0, 0.0]],
