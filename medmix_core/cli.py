@@ -223,6 +223,18 @@ def sweep(
         _fail(exc)
 
 
+@app.command()
+def report(path: Path = typer.Argument(..., help="A run or sweep folder.")) -> None:
+    """Render a run or sweep folder into report.md with tables and plots (calibration,
+    modality weights by missingness pattern, router weights, metric vs missing rate)."""
+    try:
+        from medmix_core.report import render_report
+
+        typer.echo(f"Wrote {render_report(path)}")
+    except MedmixError as exc:
+        _fail(exc)
+
+
 def _register_plugin_commands() -> None:
     try:
         from medmix_core.plugins import get_plugin_manager

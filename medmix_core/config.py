@@ -58,7 +58,7 @@ class RunConfig(BaseModel):
     # outputs
     out: str | None = None
     external_test: str | None = None
-    bootstrap: int = Field(0, ge=0)
+    bootstrap: int = Field(200, ge=0)
     progress: bool = True
 
     @field_validator("seeds", mode="before")

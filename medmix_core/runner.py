@@ -280,9 +280,6 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
         res = train_seed(cfg, tensors, spec, store.splits, seed, train_mask, eval_mask)
         pred = predict_rows(res.model, tensors, test_rows, torch.device("cpu"), mask=eval_mask)
         m = compute_metrics(pred["probs"], test_labels, tensors.task_type, res.threshold)
-        if cfg.bootstrap:
-            m["ci95"] = bootstrap_ci(pred["probs"], test_labels, tensors.task_type,
-                                     res.threshold, cfg.bootstrap, seed)
         per_seed.append(m)
         probs.append(pred["probs"])
         weights.append(pred.get("modality_weights"))
@@ -309,6 +306,13 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
         "n_test": len(test_rows), "store": str(store.path),
         "protocol": cfg.protocol,
     }
+    if cfg.bootstrap:
+        # CI of the seed-averaged prediction: resampling patients, seeded with 0
+        thr = sum(s["threshold"] for s in seeds_info) / len(seeds_info)
+        metrics["test_ci95"] = bootstrap_ci(torch.stack(probs).mean(0), test_labels,
+                                            tensors.task_type, thr, cfg.bootstrap, 0)
+        metrics["bootstrap"] = {"resamples": cfg.bootstrap, "seed": 0, "level": 0.95,
+                                "of": "mean probability over seeds, percentile interval"}
     if ext_per_seed:
         metrics["external"] = aggregate(ext_per_seed)
         metrics["external_per_seed"] = ext_per_seed

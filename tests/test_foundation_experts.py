@@ -198,6 +198,14 @@ def test_image_volume_25d_pipeline(models, tmp_path):
     hot = vol.copy()
     hot[hot > 400] = 3000.0
     np.testing.assert_allclose(ex.encode(VOL, [VolumeData(volume=hot)]), got, atol=1e-6)
+    # a dataset's per-payload settings (manifest spec) are used unless the option is explicit
+    from medmix_datasets.manifest import ManifestVolume
+
+    hinted = ManifestVolume(volume=vol, n_slices=4, hu_window=(-1000.0, 400.0))
+    np.testing.assert_allclose(BiomedCLIPExpert().encode(VOL, [hinted]), got, atol=1e-6)
+    assert np.abs(BiomedCLIPExpert().encode(VOL, [VolumeData(volume=vol)]) - got).max() > 1e-5
+    np.testing.assert_allclose(BiomedCLIPExpert(n_slices=4).encode(
+        VOL, [ManifestVolume(volume=vol, n_slices=9)]), got, atol=1e-6)
     # a different window changes the result
     assert np.abs(BiomedCLIPExpert(n_slices=4, hu_window=(-160, 240)).encode(
         VOL, [VolumeData(volume=vol)]) - got).max() > 1e-4

@@ -63,9 +63,9 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from medmix_core import (
     Batch,
+    Fuser,
     FusionOutput,
     FusionSpec,
-    Fuser,
     MedmixError,
     hookimpl,
     masked_softmax,

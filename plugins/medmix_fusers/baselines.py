@@ -31,16 +31,15 @@ from torch import nn
 from medmix_core import (
     Batch,
     ExpertProjector,
+    Fuser,
     FusionModel,
     FusionOutput,
     FusionSpec,
-    Fuser,
     MedmixError,
     hookimpl,
     project_experts,
 )
 from medmix_fusers.medmix import build_medmix
-
 
 # ----------------------------------------------------------------------------- helpers
 

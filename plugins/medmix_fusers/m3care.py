@@ -59,9 +59,9 @@ from torch import nn
 
 from medmix_core import (
     Batch,
+    Fuser,
     FusionOutput,
     FusionSpec,
-    Fuser,
     MedmixError,
     hookimpl,
     project_experts,

@@ -1,0 +1,212 @@
+"""extract(): dataset + experts -> EmbeddingStore; resumable, incremental, clear errors."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medmix_core import hookimpl
+from medmix_core.errors import StoreError, UnknownPluginError
+from medmix_core.extract import ExtractError, extract, label_arrays, modality_missing_rates
+from medmix_core.plugins import get_plugin_manager
+from medmix_core.store import EmbeddingStore
+from medmix_datasets.physionet2012 import PhysioNet2012, write_subset
+from medmix_experts.stats import StatsExpert
+
+N = 21
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return str(write_subset(tmp_path_factory.mktemp("p12") / "cohort", N))
+
+
+class Counting(StatsExpert):
+    """stats that counts its calls and can be told to fail on its k-th encode call."""
+
+    name = "counting"
+    calls = {"fit": 0, "encode": 0}
+    fail_at: int | None = None
+
+    def fit(self, modality, payloads):
+        Counting.calls["fit"] += 1
+        super().fit(modality, payloads)
+
+    def encode(self, modality, payloads):
+        Counting.calls["encode"] += 1
+        if Counting.fail_at is not None and Counting.calls["encode"] == Counting.fail_at:
+            raise RuntimeError("simulated crash in the middle of an extraction")
+        return super().encode(modality, payloads)
+
+
+class ImageOnly(StatsExpert):
+    name = "imageonly"
+    kinds = ("image",)
+
+
+class _Plugin:
+    @hookimpl
+    def register_experts(self, register):
+        register("counting", Counting)
+        register("imageonly", ImageOnly)
+
+
+@contextmanager
+def throwaway_plugin():
+    pm = get_plugin_manager()
+    plugin = _Plugin()
+    pm.register(plugin, name="test-extract-throwaway")
+    try:
+        Counting.calls.update(fit=0, encode=0)
+        Counting.fail_at = None
+        yield
+    finally:
+        pm.unregister(plugin)
+
+
+def shard_bytes(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes()
+            for folder in ("shards", "teachers", "state") if (path / folder).exists()
+            for p in sorted((path / folder).rglob("*.safetensors"))}
+
+
+def test_store_matches_the_data(source, tmp_path):
+    store = extract("physionet2012", tmp_path / "s", ["stats", "grid"], source=source,
+                    shard_size=8, progress=False)
+    ds = PhysioNet2012(source)
+    samples = ds.samples()
+    assert store.sample_ids == [s.id for s in samples]
+    assert [m.name for m in store.modalities] == [m.name for m in ds.modalities()]
+    assert [e.name for e in store.experts["static"]] == ["stats"]  # grid takes no tabular data
+    assert [e.name for e in store.experts["vitals"]] == ["stats", "grid"]
+    assert all(len(e.shards) == 3 for e in store.all_entries())  # 21 rows in shards of 8
+    rates = store.modality_missing_rates()
+    expect = modality_missing_rates(samples, ds.modalities())
+    assert rates == pytest.approx(expect, abs=1e-6)
+    assert store.manifest["report"]["missing_rates"] == pytest.approx(expect)
+    assert store.manifest["report"]["dataset"]["n_stays"] == N
+    assert store.manifest["dataset"]["sha256"] == ds.identity()["sha256"]
+    for e in store.all_entries():
+        emb, mask = store.load(e)
+        present = np.array([s.modalities[e.modality] is not None for s in samples])
+        np.testing.assert_array_equal(mask.numpy(), present)
+        assert np.all(emb.numpy()[~present] == 0)
+    mort = store.labels("mortality").numpy()
+    np.testing.assert_array_equal(mort, [s.labels["mortality"] for s in samples])
+    assert store.splits == {k: sorted(v) for k, v in ds.splits(samples).items()}
+    # the fitted state in the store is what fitting on the training rows gives
+    e = store.entry("labs", "stats")
+    ref = StatsExpert()
+    spec = next(m for m in ds.modalities() if m.name == "labs")
+    ref.fit(spec, [samples[i].modalities["labs"] for i in store.splits["train"]
+                   if samples[i].modalities["labs"] is not None])
+    np.testing.assert_array_equal(store.load_state(e)["mean"], ref.get_state(spec)["mean"])
+
+
+def test_resume_after_interruption_is_byte_identical(source, tmp_path):
+    with throwaway_plugin():
+        whole = extract("physionet2012", tmp_path / "whole", ["counting"], source=source,
+                        shard_size=8, progress=False)
+        calls_whole = dict(Counting.calls)
+        Counting.calls.update(fit=0, encode=0)
+        Counting.fail_at = 9  # static 3 shards, vitals 3, labs 2 done, then a crash
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            extract("physionet2012", tmp_path / "cut", ["counting"], source=source,
+                    shard_size=8, progress=False)
+        with pytest.raises(StoreError, match="interrupted"):
+            EmbeddingStore.open(tmp_path / "cut")
+        Counting.fail_at = None
+        Counting.calls.update(fit=0, encode=0)
+        resumed = extract("physionet2012", tmp_path / "cut", ["counting"], source=source,
+                          shard_size=8, progress=False)
+        # finished shards were kept: 8 encode calls fewer, and the saved state was reused
+        assert Counting.calls["encode"] == calls_whole["encode"] - 8
+        assert Counting.calls["fit"] == calls_whole["fit"] - 3
+    a, b = shard_bytes(whole.path), shard_bytes(resumed.path)
+    assert a.keys() == b.keys() and len(a) > 20
+    assert all(a[k] == b[k] for k in a)
+
+
+def test_rerun_is_a_no_op(source, tmp_path):
+    with throwaway_plugin():
+        store = extract("physionet2012", tmp_path / "s", ["counting"], source=source,
+                        progress=False)
+        files = {p: p.stat().st_mtime_ns for p in store.path.rglob("*") if p.is_file()}
+        Counting.calls.update(fit=0, encode=0)
+        again = extract("physionet2012", tmp_path / "s", ["counting"], source=source,
+                        progress=False)
+        assert Counting.calls == {"fit": 0, "encode": 0}
+    assert {p: p.stat().st_mtime_ns for p in again.path.rglob("*") if p.is_file()} == files
+
+
+def test_adding_an_expert_keeps_the_old_ones(source, tmp_path):
+    out = tmp_path / "s"
+    extract("physionet2012", out, ["stats"], source=source, progress=False)
+    before = shard_bytes(out)
+    store = extract("physionet2012", out, ["grid"], source=source, progress=False)
+    assert [e.name for e in store.experts["vitals"]] == ["stats", "grid"]
+    after = shard_bytes(out)
+    assert all(after[k] == v for k, v in before.items())
+    # new options for one expert re-extract that expert only
+    store = extract("physionet2012", out, ["grid"], source=source, progress=False,
+                    expert_options={"grid": {"bin_hours": 6}})
+    assert store.entry("vitals", "grid").dim == 2 * 9 * 8
+    assert store.entry("vitals", "stats").dim == 63
+
+
+def test_teachers_train_rows_only_by_default(source, tmp_path):
+    store = extract("physionet2012", tmp_path / "s", ["grid"], teachers=["stats"],
+                    source=source, progress=False)
+    t = store.entry("vitals", "stats", role="teacher")
+    assert t.shards[0]["file"].startswith("teachers/")
+    _, mask = store.load(t)
+    train = set(store.splits["train"])
+    assert all(not mask[i] for i in range(N) if i not in train)
+    assert mask.any()
+    every = extract("physionet2012", tmp_path / "a", ["grid"], teachers=["stats"],
+                    source=source, progress=False, teacher_rows="all")
+    _, mask_all = every.load(every.entry("vitals", "stats", role="teacher"))
+    assert mask_all.sum() > mask.sum()
+
+
+def test_unknown_names_and_unfit_experts(source, tmp_path):
+    with pytest.raises(UnknownPluginError, match="stats"):
+        extract("physionet2012", tmp_path / "s", ["stast"], source=source, progress=False)
+    with pytest.raises(UnknownPluginError, match="physionet2012"):
+        extract("physionet2013", tmp_path / "s", ["stats"], source=source, progress=False)
+    with pytest.raises(UnknownPluginError, match="teacher"):
+        extract("physionet2012", tmp_path / "s", ["stats"], teachers=["nobody"], source=source,
+                progress=False)
+    with throwaway_plugin():
+        with pytest.raises(ExtractError) as err:
+            extract("physionet2012", tmp_path / "s", ["imageonly"], source=source,
+                    progress=False)
+    msg = str(err.value)
+    assert "vitals (timeseries)" in msg and "static (tabular)" in msg and "stats" in msg
+
+
+def test_other_data_in_out_needs_overwrite(source, tmp_path):
+    out = tmp_path / "s"
+    extract("physionet2012", out, ["stats"], source=source, progress=False)
+    other = str(write_subset(tmp_path / "other", 12))
+    with pytest.raises(ExtractError, match="overwrite"):
+        extract("physionet2012", out, ["stats"], source=other, progress=False)
+    store = extract("physionet2012", out, ["stats"], source=other, progress=False,
+                    overwrite=True)
+    assert store.n_samples == 12
+    state = json.loads((out / "extract_state.json").read_text())
+    assert all(k.startswith("expert:") for k in state["encoders"])
+
+
+def test_label_arrays_refuse_bad_labels():
+    from medmix_core import Sample, TaskSpec
+    from medmix_core.errors import DataError
+    good = [Sample("a", {}, {"y": 1.0}), Sample("b", {}, {"y": None})]
+    y = label_arrays(good, [TaskSpec("y", "binary")])["y"]
+    assert y[0] == 1.0 and np.isnan(y[1])
+    with pytest.raises(DataError, match="binary"):
+        label_arrays([Sample("a", {}, {"y": 2.0})], [TaskSpec("y", "binary")])
