@@ -46,7 +46,18 @@ from medmix_core.distill import TeacherHeads, distillation_loss
 from medmix_core.errors import MedmixError
 from medmix_core.experts import ExpertEncoder
 from medmix_core.metrics import METRICS
+from medmix_core.plugins import get_loss
 from medmix_core.store import atomic_write_text
+from medmix_core.training import (
+    _autocast,
+    _param_groups,
+    _pos_weight,
+    augment_masks,
+    build_fuser,
+    make_spec,
+    resolve_device,
+    task_loss,
+)
 
 MAC_NOTE = ("fvcore counts one per multiply-add, so these are MACs (GMACs = 1e9 MACs), as "
             "timm reports them; 1 MAC ~ 2 FLOPs. Layer norms count fvcore's estimate of 5 per "
@@ -465,18 +476,6 @@ def profile_fuser(fuser: str, tensors: StoreTensors, cfg: RunConfig, device: str
         MedmixError: an unknown fuser, distillation or a teacher-reading fuser without
             teacher embeddings, bad sizes, an untraceable fuser.
     """
-    from medmix_core.plugins import get_loss
-    from medmix_core.training import (
-        _autocast,
-        _param_groups,
-        _pos_weight,
-        augment_masks,
-        build_fuser,
-        make_spec,
-        resolve_device,
-        task_loss,
-    )
-
     if int(batch_size) < 1 or int(repeats) < 1 or int(warmup) < 0:
         raise MedmixError(f"profile needs batch_size >= 1, repeats >= 1 and warmup >= 0; got "
                           f"batch_size={batch_size}, repeats={repeats}, warmup={warmup}.")
@@ -738,7 +737,8 @@ def read_perf(results_dir: str | Path) -> tuple[str, float, dict[str, float]]:
         raise MedmixError(f"{path} has no 'test' metrics (keys: {sorted(data)}).")
     vals = {}
     for k in METRICS:
-        v = (test.get(k) or {}).get("mean") if isinstance(test.get(k), dict) else None
+        entry = test.get(k)
+        v = entry.get("mean") if isinstance(entry, dict) else None
         if v is None or (isinstance(v, float) and math.isnan(v)):
             raise MedmixError(f"{path}: test.{k}.mean is missing or undefined ({v!r}); Perf "
                               f"needs all of {list(METRICS)}.")

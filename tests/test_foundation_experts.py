@@ -522,3 +522,32 @@ def test_plugin_registers_every_expert():
         assert cls.family in ("general", "domain")
     assert set(BiomedCLIPExpert.kinds) == {"image", "volume"}
     assert ChronosExpert.kinds == ("timeseries",) and Qwen2Expert.kinds == ("text",)
+
+
+def test_biomedclip_open_clip_backend_needs_open_clip(models):
+    if importlib.util.find_spec("open_clip") is not None:
+        pytest.skip("open_clip is installed here")
+    with pytest.raises(ExpertOptionError, match="backend='native'"):
+        BiomedCLIPExpert(backend="open_clip").n_parameters()
+    with pytest.raises(ExpertOptionError, match="'native' or 'open_clip'"):
+        BiomedCLIPExpert(backend="timm")
+
+
+def test_download_only_when_allowed(model_dir, no_weights, monkeypatch):
+    """allow_download=True calls huggingface_hub.snapshot_download; the default never does."""
+    import huggingface_hub
+
+    root, _ = model_dir
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kw):
+        calls.append((repo_id, kw.get("cache_dir")))
+        return str(root / "dinov2")  # what a finished download returns: a snapshot folder
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    with pytest.raises(WeightsNotFoundError):
+        Dinov2Expert()
+    assert calls == []
+    ex = Dinov2Expert(allow_download=True)
+    assert calls == [("facebook/dinov2-base", str(no_weights / "hf"))]
+    assert ex.weights.source == "download" and ex.dim(IMG) == 32

@@ -32,7 +32,7 @@ def test_report_of_a_run_has_tables_ci_and_plots(tmp_path, synth_store_path):
     res = runner.invoke(app, ["report", str(out)])
     assert res.exit_code == 0, res.output
     text = (out / "report.md").read_text()
-    assert "95% bootstrap CI" in text and "ECE" in text
+    assert "95% bootstrap CI" in text and "Expected calibration error" in text
     for png in ("reliability.png", "modality_weights.png", "router_weights.png"):
         assert (out / png).stat().st_size > 1000
 

@@ -222,19 +222,6 @@ class BiomedCLIPExpert(ImageExpert):
     def _load(self):
         import torch
 
-        if self.opts["backend"] == "open_clip":
-            try:
-                import open_clip
-            except ImportError as exc:
-                raise ExpertOptionError(
-                    "backend='open_clip' needs the open_clip package, which is not installed; "
-                    "use the default backend='native' (same weights, no extra dependency)."
-                ) from exc
-            clip = open_clip.create_model("local-dir:" + str(self.weights.path), pretrained=None)
-            return clip.visual  # TimmModel: head(trunk(x)) == encode_image(normalize=False)
-
-        from .vit import build_from_open_clip
-
         wf = self.weights.weight_file
         try:
             if wf.suffix == ".safetensors":
@@ -248,7 +235,44 @@ class BiomedCLIPExpert(ImageExpert):
                 f"Could not read {wf}: {type(exc).__name__}: {exc}. The file looks damaged; "
                 f"download BiomedCLIP again."
             ) from exc
-        return build_from_open_clip(state, self.config()["model_cfg"], where=str(wf))
+        model_cfg = self.config()["model_cfg"]
+        if self.opts["backend"] == "open_clip":
+            return self._load_open_clip(state, model_cfg, str(wf))
+
+        from .vit import build_from_open_clip
+
+        return build_from_open_clip(state, model_cfg, where=str(wf))
+
+    @staticmethod
+    def _load_open_clip(state, model_cfg, where: str):
+        """open_clip's own ``TimmModel`` image tower (needs open_clip and timm installed).
+
+        Only the image tower is built, so BiomedCLIP's text tower (whose config open_clip
+        would fetch from the hub) is never touched.
+        """
+        try:
+            from open_clip.timm_model import TimmModel
+        except ImportError as exc:
+            raise ExpertOptionError(
+                "backend='open_clip' needs the open_clip and timm packages, which are not "
+                "installed; use the default backend='native' (same weights, no extra "
+                "dependency)."
+            ) from exc
+        from .vit import visual_state_dict
+
+        v = model_cfg["vision_cfg"]
+        size = v.get("image_size", 224)
+        tower = TimmModel(v["timm_model_name"], embed_dim=int(model_cfg["embed_dim"]),
+                          image_size=size, pool=v.get("timm_pool", "avg"),
+                          proj=v.get("timm_proj", "linear"),
+                          proj_bias=bool(v.get("timm_proj_bias", False)))
+        missing, unexpected = tower.load_state_dict(visual_state_dict(state), strict=False)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{where} does not fit open_clip's TimmModel({v['timm_model_name']!r}): missing "
+                f"{sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}."
+            )
+        return tower  # forward == CLIP.encode_image(normalize=False)
 
     def _forward(self, pixels):
         return self.model(pixels)

@@ -149,6 +149,8 @@ def _download_hint(spec: WeightsSpec, repo_id: str) -> str:
     return (
         "To provide the weights: on a machine with internet run\n"
         f"    huggingface-cli download {repo_id} --local-dir <dir>/{local}\n"
+        "(`hf download` in huggingface_hub >= 1.0; gated models need `huggingface-cli login` "
+        "first), "
         f"copy <dir> here and set MEDMIX_MODEL_DIR=<dir> (the model must sit in "
         f"<dir>/{local}), or pass the option model_path=<folder holding the files>, or fill "
         f"the Hugging Face cache with `huggingface-cli download {repo_id}`, or pass "
