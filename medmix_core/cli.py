@@ -25,15 +25,27 @@ def _csv(v: Optional[str]) -> Optional[list[str]]:
     return None if v is None else [x.strip() for x in v.split(",") if x.strip()]
 
 
-def build_config(config: Optional[Path], flags: dict[str, Any]):
-    """Config file (JSON/YAML), then project defaults file, then flags on top."""
-    from medmix_core.config import load_config_file, make_config
+def build_config(config: Optional[Path], flags: dict[str, Any], sources: dict | None = None):
+    """Defaults, then the project file (medmix.yaml or [tool.medmix] in ./pyproject.toml),
+    then --config FILE, then flags. ``sources`` (if given) receives where each value came from.
+    """
+    from medmix_core.config import load_config_file, load_project_defaults, make_config
 
     values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    project, where = load_project_defaults(Path.cwd())
+    for k, v in project.items():
+        values[k], origin[k] = v, where
     if config is not None:
-        values.update(load_config_file(config))
-    values.update({k: v for k, v in flags.items() if v is not None})
-    return make_config(**values)
+        for k, v in load_config_file(config).items():
+            values[k], origin[k] = v, str(config)
+    for k, v in flags.items():
+        if v is not None:
+            values[k], origin[k] = v, "command line"
+    cfg = make_config(**values)
+    if sources is not None:
+        sources.update({k: origin.get(k, "default") for k in type(cfg).model_fields})
+    return cfg
 
 
 @app.command()
@@ -84,9 +96,13 @@ def run(
                      expert_dropout=expert_dropout, weight_decay=weight_decay,
                      keep_modalities=_csv(keep_modalities), fuser_options=fopts, threshold=thr,
                      device=device, external_test=external_test, bootstrap=bootstrap)
-        base = build_config(config, flags)
+        sources: dict[str, str] = {}
+        base = build_config(config, flags, sources)
         if show_config:
-            typer.echo(base.model_dump_json(indent=1))
+            data = json.loads(base.model_dump_json())
+            width = max(len(k) for k in data)
+            for k, v in data.items():
+                typer.echo(f"{k:<{width}}  {json.dumps(v):<40}  ({sources[k]})")
             return
         from medmix_core.report import print_metrics, write_comparison
         from medmix_core.runner import run as run_one

@@ -116,6 +116,48 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+PROJECT_FILES = ("medmix.yaml", "medmix.yml", "medmix.json")
+
+
+def load_project_defaults(folder: Path) -> tuple[dict[str, Any], str]:
+    """Project defaults: ``medmix.yaml``/``.yml``/``.json`` in ``folder``, else a
+    ``[tool.medmix]`` table of ``folder/pyproject.toml``. Relative paths in ``source``,
+    ``store``, ``out`` and ``dataset_options.spec`` resolve against ``folder``.
+
+    Returns:
+        (values, where they came from) — ({}, "") when there is no project file.
+    """
+    values: dict[str, Any] = {}
+    where = ""
+    for name in PROJECT_FILES:
+        if (folder / name).is_file():
+            values, where = load_config_file(folder / name), str(folder / name)
+            break
+    else:
+        pp = folder / "pyproject.toml"
+        if pp.is_file():
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+
+            try:
+                data = tomllib.loads(pp.read_text("utf-8"))
+            except tomllib.TOMLDecodeError as exc:
+                raise MedmixError(f"{pp} is not valid TOML ({exc}); fix it or remove its "
+                                  f"[tool.medmix] table.") from exc
+            values = data.get("tool", {}).get("medmix", {})
+            where = f"{pp} [tool.medmix]" if values else ""
+    for key in ("source", "store", "out", "external_test"):
+        if isinstance(values.get(key), str) and not Path(values[key]).is_absolute():
+            values[key] = str(folder / values[key])
+    opts = values.get("dataset_options")
+    if isinstance(opts, dict) and isinstance(opts.get("spec"), str) \
+            and not Path(opts["spec"]).is_absolute():
+        values["dataset_options"] = {**opts, "spec": str(folder / opts["spec"])}
+    return values, where
+
+
 def make_config(**values: Any) -> RunConfig:
     """RunConfig from values, with pydantic errors turned into one readable MedmixError."""
     try:

@@ -83,13 +83,28 @@ def test_bad_flag_value_is_a_clear_error(synth_store_path):
     assert res.exit_code == 2 and "device = 'tpu'" in res.output
 
 
-def test_show_config_prints_the_resolved_configuration(tmp_path):
+def test_show_config_prints_values_and_where_they_came_from(tmp_path, monkeypatch):
     (tmp_path / "c.yaml").write_text("fuser: meanavg\nepochs: 7\n")
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "medmix.yaml").write_text("fuser: max\npatience: 4\nstore: st\n")
+    monkeypatch.chdir(tmp_path / "proj")
     res = runner.invoke(app, ["run", "--config", str(tmp_path / "c.yaml"), "--epochs", "9",
                               "--show-config"])
-    assert res.exit_code == 0
-    cfg = json.loads(res.output)
-    assert cfg["fuser"] == "meanavg" and cfg["epochs"] == 9
+    assert res.exit_code == 0, res.output
+    lines = {ln.split()[0]: ln for ln in res.output.splitlines()}
+    assert '"meanavg"' in lines["fuser"] and "c.yaml" in lines["fuser"]
+    assert "9" in lines["epochs"] and "(command line)" in lines["epochs"]
+    assert "4" in lines["patience"] and "medmix.yaml" in lines["patience"]
+    assert str(tmp_path / "proj" / "st") in lines["store"]
+    assert "(default)" in lines["lr"]
+
+
+def test_project_defaults_from_pyproject_tool_table(tmp_path, monkeypatch):
+    (tmp_path / "pyproject.toml").write_text('[tool.medmix]\nfuser = "concat"\n')
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["run", "--show-config"])
+    assert res.exit_code == 0, res.output
+    assert '"concat"' in [ln for ln in res.output.splitlines() if ln.startswith("fuser ")][0]
 
 
 def test_predict_on_a_folder_that_is_not_a_run(tmp_path, synth_store_path):

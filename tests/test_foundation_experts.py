@@ -11,18 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from medmix_core.errors import DataError, WeightsNotFoundError
-from medmix_core.experts import Teacher
-from medmix_core.types import ImageData, ModalitySpec, TextData, TimeSeriesData, VolumeData
 from medmix_experts.foundation import (
     BiomedCLIPExpert,
     ChronosExpert,
@@ -34,6 +28,11 @@ from medmix_experts.foundation import (
     Qwen2Expert,
 )
 from medmix_experts.foundation.weights import CheckpointError
+from PIL import Image
+
+from medmix_core.errors import DataError, WeightsNotFoundError
+from medmix_core.experts import Teacher
+from medmix_core.types import ImageData, ModalitySpec, TextData, TimeSeriesData, VolumeData
 
 _spec = importlib.util.spec_from_file_location(
     "medmix_tiny_models", Path(__file__).parent / "fixtures" / "tiny_models.py")
@@ -102,7 +101,7 @@ def _reference_pixels(paths, shortest, crop, mean, std, resample=Image.BICUBIC):
         w, h = im.size
         nw, nh = (shortest, int(shortest * h / w)) if w <= h else (int(shortest * w / h), shortest)
         im = im.resize((nw, nh), resample=resample)
-        top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
+        top, left = round((nh - crop) / 2.0), round((nw - crop) / 2.0)
         arr = np.asarray(im.crop((left, top, left + crop, top + crop)), dtype=np.float32) / 255
         out.append(((arr - np.array(mean, np.float32)) / np.array(std, np.float32)).transpose(2, 0, 1))
     return torch.from_numpy(np.stack(out))
@@ -331,7 +330,7 @@ def test_qwen2_tiny_same_architecture_loads_and_pools(models):
 
 def test_qwen2_tokenizer_without_pad_token_pads_with_eos(tmp_path, monkeypatch):
     folder = tmp_path / "qwen2"
-    model, tok = tiny.make_qwen2(folder, with_pad=False)
+    tiny.make_qwen2(folder, with_pad=False)
     ex = Qwen2Expert(model_path=str(folder))
     out = ex.encode(TXT, [TextData(tiny.CLINICAL_TEXTS[0]), TextData("No acute distress.")])
     np.testing.assert_allclose(out[1], ex.encode(TXT, [TextData("No acute distress.")])[0], atol=1e-5)

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from medmix_datasets.manifest import ManifestDataset, ManifestVolume
 
 from medmix_core.errors import DataError
 from medmix_core.types import ImageData, TabularData, TextData, TimeSeriesData, VolumeData
-from medmix_datasets.manifest import ManifestDataset, ManifestVolume
 
 _spec = importlib.util.spec_from_file_location(
     "medmix_tiny_models", Path(__file__).parent / "fixtures" / "tiny_models.py")
@@ -281,6 +281,7 @@ def test_manifest_to_store_end_to_end(tmp_path, monkeypatch):
 
     # the stored rows are the expert's embeddings of the present payloads; masks match
     from medmix_experts.foundation import BiomedCLIPExpert
+
     from medmix_core.types import ModalitySpec
 
     for m, kind in (("cxr", "image"), ("ct", "volume")):

@@ -50,7 +50,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -81,8 +81,8 @@ _FALSE = {"0", "0.0", "false", "no", "n", "f"}
 class ManifestVolume(VolumeData):
     """A CT volume with the manifest's 2.5D settings for the image experts."""
 
-    n_slices: Optional[int] = None
-    hu_window: Optional[tuple[float, float]] = None
+    n_slices: int | None = None
+    hu_window: tuple[float, float] | None = None
 
 
 # -- the spec ----------------------------------------------------------------------------
@@ -93,13 +93,13 @@ class ModalityConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: str
-    column: Optional[str] = None
-    columns: Optional[list[str]] = None
-    n_slices: Optional[int] = Field(None, ge=1)
-    hu_window: Optional[tuple[float, float]] = None
+    column: str | None = None
+    columns: list[str] | None = None
+    n_slices: int | None = Field(None, ge=1)
+    hu_window: tuple[float, float] | None = None
     from_file: bool = False
-    variables: Optional[list[str]] = None
-    horizon: Optional[float] = Field(None, gt=0)
+    variables: list[str] | None = None
+    horizon: float | None = Field(None, gt=0)
     units: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("kind")
@@ -112,7 +112,7 @@ class ModalityConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _shape(self) -> "ModalityConfig":
+    def _shape(self) -> ModalityConfig:
         if (self.column is None) == (self.columns is None):
             raise ValueError("give exactly one of 'column' or 'columns'")
         cols = self.cols()
@@ -143,12 +143,12 @@ class TaskConfig(BaseModel):
 
     name: str
     type: str
-    column: Optional[str] = None
-    columns: Optional[list[str]] = None
-    classes: Optional[list[str]] = None
+    column: str | None = None
+    columns: list[str] | None = None
+    classes: list[str] | None = None
 
     @model_validator(mode="after")
-    def _shape(self) -> "TaskConfig":
+    def _shape(self) -> TaskConfig:
         if self.type not in ("binary", "multiclass", "multilabel"):
             raise ValueError(f"unknown task type {self.type!r}; expected binary, multiclass or "
                              f"multilabel")
@@ -185,10 +185,10 @@ class ManifestSpec(BaseModel):
     id: str
     modalities: dict[str, ModalityConfig]
     tasks: list[TaskConfig]
-    splits: Optional[SplitConfig] = None
+    splits: SplitConfig | None = None
 
     @model_validator(mode="after")
-    def _non_empty(self) -> "ManifestSpec":
+    def _non_empty(self) -> ManifestSpec:
         if not self.modalities:
             raise ValueError("'modalities' is empty; name at least one")
         if not self.tasks:

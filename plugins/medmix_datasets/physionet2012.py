@@ -132,6 +132,9 @@ def _param_key(length, b0, b1, last):
     return ((length * 256 + b0) * 256 + b1) * 256 + last
 
 
+#: byte -> 0 digit, 1 '.', 2 '-', 3 anything else (to check number fields)
+_BYTE_CLASS = np.full(256, 3, dtype=np.uint8)
+_BYTE_CLASS[48:58], _BYTE_CLASS[46], _BYTE_CLASS[45] = 0, 1, 2
 _KEYS = np.array([_param_key(len(p), ord(p[0]), ord(p[1 % len(p)]), ord(p[-1])) for p in _PARAMS])
 assert len(set(_KEYS.tolist())) == _P  # the key tells known parameters apart
 _KEY_ORDER = np.argsort(_KEYS)
@@ -187,13 +190,6 @@ def _slow_rows(name: str, body: bytes, counts: _Counts):
         codes.append(code)
         values.append(v)
     return lines_, times, codes, values
-
-
-def _cumsum0(x: np.ndarray) -> np.ndarray:
-    """[n + 1] int32 running count with a leading 0 (counts inside [a, b) are c[b] - c[a])."""
-    out = np.zeros(len(x) + 1, dtype=np.int32)
-    np.cumsum(x, dtype=np.int32, out=out[1:])
-    return out
 
 
 def _parse_stays(files: list[tuple[str, bytes]], counts: _Counts) -> dict[str, np.ndarray]:
@@ -253,17 +249,19 @@ def _parse_stays(files: list[tuple[str, bytes]], counts: _Counts) -> dict[str, n
     reg &= d3 < 6
     hours = (d0 * 10 + d1) + (d3 * 10 + d4) / 60.0
 
-    isdig = (buf >= 48) & (buf <= 57)
-    isdot, isminus = buf == 46, buf == 45
-    cs = {k: _cumsum0(x) for k, x in (("dig", isdig), ("dot", isdot), ("minus", isminus),
-                       ("other", ~(isdig | isdot | isminus)))}
+    # per value field: counts of digits, dots, minus signs and anything else
     vs, ve = c2 + 1, ends
+    bounds2 = np.empty(2 * len(ve), dtype=np.int64)
+    bounds2[0::2], bounds2[1::2] = np.minimum(vs, ve), ve  # non-decreasing, all < len(buf)
+    cls = _BYTE_CLASS[buf]
 
     def n_in(k):
-        return cs[k][ve] - cs[k][np.minimum(vs, ve)]
+        if not len(ve):
+            return np.zeros(0, dtype=np.int64)
+        return np.add.reduceat((cls == k).view(np.uint8), bounds2, dtype=np.int64)[0::2]
 
-    reg &= (n_in("dig") >= 1) & (n_in("other") == 0) & (n_in("dot") <= 1)
-    nminus = n_in("minus")
+    reg &= (n_in(0) >= 1) & (n_in(3) == 0) & (n_in(1) <= 1) & (ve > vs)
+    nminus = n_in(2)
     reg &= (nminus == 0) | ((nminus == 1) & (buf[np.minimum(vs, last)] == 45))
 
     # ---- parameter names: a cheap key, then a byte-wise check of every keyed row
@@ -291,10 +289,11 @@ def _parse_stays(files: list[tuple[str, bytes]], counts: _Counts) -> dict[str, n
     # ---- values: blank everything but the value fields of regular lines, parse in one call
     good = reg & ~unknown
     stop = np.where(good, vs, ends)
-    delta = (np.bincount(starts, minlength=len(buf) + 1)
-             - np.bincount(stop, minlength=len(buf) + 1))
+    delta = np.zeros(len(buf) + 1, dtype=np.int8)  # +1 at each start, -1 at each stop
+    delta[starts] = 1
+    delta[stop] -= 1
     text = buf.copy()
-    text[np.cumsum(delta)[:-1] > 0] = 32
+    text[np.cumsum(delta, dtype=np.int8)[:-1] > 0] = 32
     values = np.fromstring(text.tobytes(), dtype=np.float64, sep=" ")
     if len(values) != int(good.sum()):  # cannot happen after the checks above; be safe
         reg[:] = False

@@ -50,8 +50,21 @@ def register_teachers(register):
 
 
 __all__ = [
-    "BiomedCLIPExpert", "CheckpointError", "ChronosExpert", "Dinov2Expert", "Dinov3Teacher",
-    "ExpertOptionError", "FoundationExpert", "GatorTronExpert", "ImageExpert",
-    "MeanScaleUniformBins", "MedCPTExpert", "Qwen2Expert", "TextExpert", "WeightsSpec",
-    "resolve_weights", "register_experts", "register_teachers",
+    "BiomedCLIPExpert",
+    "CheckpointError",
+    "ChronosExpert",
+    "Dinov2Expert",
+    "Dinov3Teacher",
+    "ExpertOptionError",
+    "FoundationExpert",
+    "GatorTronExpert",
+    "ImageExpert",
+    "MeanScaleUniformBins",
+    "MedCPTExpert",
+    "Qwen2Expert",
+    "TextExpert",
+    "WeightsSpec",
+    "register_experts",
+    "register_teachers",
+    "resolve_weights",
 ]

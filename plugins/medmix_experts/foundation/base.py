@@ -18,8 +18,9 @@ Options every foundation expert accepts:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -129,7 +130,7 @@ class FoundationExpert(ExpertEncoder):
             self._model = model.to(device=self._device, dtype=self.torch_dtype())
         return self._model
 
-    def to(self, device: str) -> "FoundationExpert":
+    def to(self, device: str) -> FoundationExpert:
         self._device = str(device)
         if self._model is not None:
             self._model = self._model.to(self._device)

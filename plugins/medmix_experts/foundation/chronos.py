@@ -26,8 +26,9 @@ chronos-forecasting package's ``ChronosPipeline.embed`` instead).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -52,7 +53,7 @@ class ChronosTokenizerConfig:
     high_limit: float
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], where: str) -> "ChronosTokenizerConfig":
+    def from_config(cls, config: dict[str, Any], where: str) -> ChronosTokenizerConfig:
         cc = config.get("chronos_config")
         if not isinstance(cc, dict):
             raise CheckpointError(
@@ -156,8 +157,8 @@ def series_of(ts: TimeSeriesData, variables: list[str], resample_hours: float | 
             out.append(v)
             continue
         # the window's bins; t == horizon falls in the last one, later times add bins
-        n_bins = max(int(math.ceil(ts.horizon / resample_hours)),
-                     int(math.ceil(t[-1] / resample_hours)), 1)
+        n_bins = max(math.ceil(ts.horizon / resample_hours),
+                     math.ceil(t[-1] / resample_hours), 1)
         b = np.minimum((t / resample_hours).astype(np.int64), n_bins - 1)
         sums = np.bincount(b, weights=v, minlength=n_bins)
         counts = np.bincount(b, minlength=n_bins)

@@ -18,7 +18,8 @@ register tokens excluded); BiomedCLIP also ``backend`` ("native": the built-in t
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 

@@ -73,7 +73,7 @@ class ImagePreprocess:
         raise DataError("An image preprocessing without a crop needs a fixed resize_hw.")
 
     @classmethod
-    def from_hf_processor(cls, path: Path, default: "ImagePreprocess") -> "ImagePreprocess":
+    def from_hf_processor(cls, path: Path, default: ImagePreprocess) -> ImagePreprocess:
         """Read a Hugging Face ``preprocessor_config.json``; fields it lacks keep ``default``."""
         file = Path(path) / "preprocessor_config.json"
         if not file.is_file():
@@ -151,8 +151,8 @@ class ImagePreprocess:
                 pil = pil.resize((max(cw, round(w * scale)), max(ch, round(h * scale))),
                                  resample=self.resample)
                 w, h = pil.size
-            top = int(round((h - ch) / 2.0))
-            left = int(round((w - cw) / 2.0))
+            top = round((h - ch) / 2.0)  # torchvision's CenterCrop offsets
+            left = round((w - cw) / 2.0)
             pil = pil.crop((left, top, left + cw, top + ch))
         return pil
 
@@ -273,7 +273,7 @@ def _open_volume(vol: Any, where: str):
                         f"Volume file {path} holds arrays {keys}; expected one named 'volume' "
                         f"or a single array."
                     )
-        elif name.endswith(".nii") or name.endswith(".nii.gz"):
+        elif name.endswith((".nii", ".nii.gz")):
             try:
                 import nibabel as nib
             except ImportError as exc:

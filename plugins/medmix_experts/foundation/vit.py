@@ -168,8 +168,7 @@ def visual_state_dict(checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Te
             checkpoint = checkpoint[wrapper]
     out = {}
     for k, v in checkpoint.items():
-        if k.startswith("module."):
-            k = k[len("module."):]
+        k = k.removeprefix("module.")
         if k.startswith("visual."):
             out[k[len("visual."):]] = v
     return out
@@ -210,7 +209,7 @@ def build_from_open_clip(checkpoint: dict[str, torch.Tensor], model_cfg: dict[st
     pw = sd["trunk.patch_embed.proj.weight"]  # [W, 3, p, p]
     width, patch = int(pw.shape[0]), int(pw.shape[-1])
     n_pos = int(sd["trunk.pos_embed"].shape[1]) - 1
-    grid = int(round(n_pos ** 0.5))
+    grid = round(n_pos ** 0.5)
     if grid * grid != n_pos:
         raise CheckpointError(f"{where}: pos_embed has {n_pos} patch positions, not a square grid.")
     depth = len({k.split(".")[2] for k in sd if k.startswith("trunk.blocks.")})

@@ -26,6 +26,7 @@ from typing import Any
 
 from medmix_core.errors import WeightsNotFoundError
 
+
 class CheckpointError(WeightsNotFoundError):
     """Weights that are on this machine but unusable (damaged, or another architecture)."""
 
