@@ -60,7 +60,8 @@ class Batch:
     def with_masks(self, expert_mask: dict[str, torch.Tensor]) -> "Batch":
         """A batch with new expert masks; the modality mask is recomputed from them."""
         mm = torch.stack([expert_mask[m].any(dim=1) for m in self.modalities], dim=1)
-        return replace(self, expert_mask=expert_mask, modality_mask=mm)
+        tm = None if self.teacher_mask is None else self.teacher_mask & mm
+        return replace(self, expert_mask=expert_mask, modality_mask=mm, teacher_mask=tm)
 
 
 @dataclass
@@ -162,7 +163,8 @@ class StoreTensors:
         em = {m: mask[m][idx] for m in self.modalities}
         mm = torch.stack([em[m].any(dim=1) for m in self.modalities], dim=1)  # [B, M]
         teacher = None if self.teacher is None else {m: x[idx] for m, x in self.teacher.items()}
-        tmask = None if self.teacher_mask is None else self.teacher_mask[idx]
+        # a modality dropped by a protocol takes its teacher embedding with it
+        tmask = None if self.teacher_mask is None else self.teacher_mask[idx] & mm
         return Batch(
             experts={m: [x[idx] for x in self.emb[m]] for m in self.modalities},
             expert_mask=em, modality_mask=mm, labels=self.labels[idx],

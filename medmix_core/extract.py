@@ -10,9 +10,11 @@ encoder), a cache key (dataset identity, sample ids, splits, encoder name, versi
 provenance/options, shard size, teacher rows) and the shards already finished. Re-running
 with the same inputs reuses finished shards and continues after the last one, so an
 interrupted extraction resumes and ends with shards byte-identical to an uninterrupted
-run; a run with nothing left to do returns the store untouched. Adding an expert to an
-existing store keeps the ones already there; changing an expert's options re-extracts
-that expert only.
+run; a run with nothing left to do returns the store untouched, and a run over a store
+with a missing or damaged shard re-makes just that shard and the ones after it. Adding an
+expert to an existing store keeps the ones already there; changing an expert's options
+re-extracts that expert only. Fitted state is saved before the first shard and restored
+with ``set_state`` on resume, so a resumed expert never re-fits differently.
 """
 
 from __future__ import annotations
@@ -20,12 +22,16 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from safetensors.numpy import load_file
 
-from medmix_core.errors import DataError, MedmixError, UnknownPluginError
+from medmix_core.errors import DataError, MedmixError, StoreError, UnknownPluginError
 from medmix_core.experts import ExpertEncoder
 from medmix_core.plugins import get_dataset, get_expert, get_teacher, registry
 from medmix_core.store import EmbeddingStore, EncoderEntry, StoreWriter, atomic_write_text
@@ -300,11 +306,10 @@ def extract(
                and state["encoders"][k].get("complete") for k, v in wanted.items())
     if done and (out / "manifest.json").is_file() and state.get("manifest_key") == _hash(
             sorted((k, e["key"]) for k, e in state["encoders"].items() if e.get("complete"))):
-        return EmbeddingStore.open(out)
-
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
-        TimeElapsedColumn
+        try:
+            return EmbeddingStore.open(out)
+        except StoreError:
+            pass  # a file went missing or was damaged since: check every shard below
 
     bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), console=Console(stderr=True), disable=not progress)
@@ -419,7 +424,6 @@ def _extract_one(writer: StoreWriter, state: dict[str, Any], samples: list[Sampl
              "state_file": prev.get("state_file") if prev else None, "complete": False}
     saved = entry["state_file"] and (writer.path / entry["state_file"]).is_file()
     if saved:
-        from safetensors.numpy import load_file
         enc.set_state(m, load_file(str(writer.path / entry["state_file"])))
     else:
         fit_rows = np.flatnonzero(present & train)

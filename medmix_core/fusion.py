@@ -83,12 +83,17 @@ class Fuser(nn.Module, ABC):
 
     Class attributes:
         uses_teacher_at_inference: True when the method reads teacher-class embeddings at
-            inference (AdaCoMed): those encoders then count as deployed in profiling.
+            inference (AdaCoMed): those encoders then count as deployed in profiling. A
+            factory of such a fuser carries the same attribute, so the runner can load
+            teacher embeddings before building it.
         rep_dim: d of ``FusionOutput.reps`` (0 = no reps, distillation not applicable).
     """
 
     uses_teacher_at_inference: bool = False
     rep_dim: int = 0
+    #: True for imputation baselines: missing entries are filled and then used, so their
+    #: weights are not zero (every other fuser gives masked entries weight exactly 0).
+    imputes: bool = False
 
     def __init__(self, spec: FusionSpec) -> None:
         super().__init__()

@@ -213,14 +213,15 @@ def count_macs(fuser: nn.Module, batch: Batch) -> dict[str, Any]:
         (operator -> times seen; fvcore skipped them), ``batch_size`` and the unit note.
     """
     try:
-        from fvcore.nn import FlopCountAnalysis
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script in imports
+            from fvcore.nn import FlopCountAnalysis
     except ImportError as exc:
         raise MedmixError("Counting MACs needs fvcore (a medmix dependency): "
                           "pip install 'fvcore>=0.1.5'.") from exc
     with_teacher = bool(getattr(fuser, "uses_teacher_at_inference", False))
-    wrapper = BatchModule(fuser, batch, with_teacher).eval()
     was_training = fuser.training
-    fuser.eval()
+    wrapper = BatchModule(fuser, batch, with_teacher).eval()
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings about data-dependent branches

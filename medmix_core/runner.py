@@ -233,6 +233,26 @@ def check_compatible(spec: FusionSpec, tensors: StoreTensors, what: str) -> None
                               f"(`medmix predict` does this from a raw source).")
 
 
+def select_on_validation(cfg: RunConfig, tensors: StoreTensors, spec: FusionSpec,
+                         store: EmbeddingStore, options: list[dict[str, Any]], log=print):
+    """Train each candidate option set with the first seed; keep the lowest validation loss.
+
+    Returns:
+        (the config with the chosen fuser_options, a record of every candidate's loss).
+    """
+    tried = []
+    for opts in options:
+        trial = cfg.model_copy(update={"fuser_options": opts})
+        res = train_seed(trial, tensors, spec, store.splits, cfg.seeds[0])
+        loss = min(h["val_loss"] for h in res.history)
+        tried.append({"options": opts, "val_loss": loss})
+        log(f"candidate {opts}: best validation loss {loss:.4f}")
+    best = min(tried, key=lambda t: t["val_loss"])
+    log(f"selected on validation: {best['options']}")
+    return cfg.model_copy(update={"fuser_options": best["options"]}), {
+        "chosen": best["options"], "candidates": tried}
+
+
 def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     """Train and evaluate ``cfg.fuser`` for every seed; write the results directory.
 
@@ -241,9 +261,11 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     """
     from medmix_core.plugins import get_fuser
 
-    get_fuser(cfg.fuser)  # unknown names fail before any extraction
+    factory = get_fuser(cfg.fuser)  # unknown names fail before any extraction
     store = ensure_store(cfg, log)
-    fuser_cls_needs_teacher = cfg.fuser in ("adacomed", "teacher-only")
+    fuser_cls_needs_teacher = bool(getattr(factory, "uses_teacher_at_inference", False))
+    if fuser_cls_needs_teacher and cfg.distill is None:
+        cfg = cfg.model_copy(update={"distill": False})  # its teacher is an input, not a target
     teacher_needed = cfg.distill_on or fuser_cls_needs_teacher
     if fuser_cls_needs_teacher and not cfg.teacher:
         have = sorted({e.name for es in store.teachers.values() for e in es})
@@ -271,6 +293,11 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
             ext_store, tensors_task(cfg, store), select_experts(cfg, store),
             cfg.teacher if fuser_cls_needs_teacher else None), cfg.keep_modalities)
         check_compatible(spec, ext_tensors, f"External cohort {cfg.external_test}")
+
+    selection = None
+    candidates = getattr(factory, "candidates", None)
+    if candidates is not None and not cfg.fuser_options:
+        cfg, selection = select_on_validation(cfg, tensors, spec, store, candidates(spec), log)
 
     per_seed, ext_per_seed, probs, weights, seeds_info, ext_probs = [], [], [], [], [], []
     for seed in cfg.seeds:
@@ -304,7 +331,7 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
                            if cfg.threshold == "val" else f"fixed at {cfg.threshold}"),
         "test": aggregate(per_seed), "per_seed": per_seed, "seed_info": seeds_info,
         "n_test": len(test_rows), "store": str(store.path),
-        "protocol": cfg.protocol,
+        "protocol": cfg.protocol, "selected_on_validation": selection,
     }
     if cfg.bootstrap:
         # CI of the seed-averaged prediction: resampling patients, seeded with 0

@@ -69,8 +69,10 @@ def sweep(base: RunConfig, protocol: str, rates: list[float], fusers: list[str],
             cfg = base.model_copy(update={"fuser": fuser, "out": str(out / fuser / "natural"),
                                           "protocol": None})
             metrics = run(cfg, log)
-            tensors = load_tensors(cfg, store, teacher_needed=fuser in ("adacomed",
-                                                                         "teacher-only"))
+            from medmix_core.plugins import get_fuser
+
+            needs = bool(getattr(get_fuser(fuser), "uses_teacher_at_inference", False))
+            tensors = load_tensors(cfg, store, teacher_needed=needs)
             rows = torch.as_tensor(store.splits["test"], dtype=torch.long)
             rows_out.append(_row(fuser, "natural", 0.0, None, metrics["per_seed"]))
             for label, per_seed in _evaluate_saved(out / fuser / "natural", tensors, rows,

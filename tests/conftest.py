@@ -9,7 +9,8 @@ import torch
 
 from medmix_core.plugins import get_plugin_manager
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# the models under test are tiny: one thread avoids oversubscription on small machines
+torch.set_num_threads(1)
 
 
 @contextlib.contextmanager

@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
+from medmix_datasets.physionet2012 import PhysioNet2012, write_subset
+from medmix_experts.stats import StatsExpert
 
 from medmix_core import hookimpl
 from medmix_core.errors import StoreError, UnknownPluginError
 from medmix_core.extract import ExtractError, extract, label_arrays, modality_missing_rates
 from medmix_core.plugins import get_plugin_manager
 from medmix_core.store import EmbeddingStore
-from medmix_datasets.physionet2012 import PhysioNet2012, write_subset
-from medmix_experts.stats import StatsExpert
 
 N = 21
 
@@ -29,8 +30,8 @@ class Counting(StatsExpert):
     """stats that counts its calls and can be told to fail on its k-th encode call."""
 
     name = "counting"
-    calls = {"fit": 0, "encode": 0}
-    fail_at: int | None = None
+    calls: ClassVar[dict[str, int]] = {"fit": 0, "encode": 0}
+    fail_at: ClassVar[int | None] = None
 
     def fit(self, modality, payloads):
         Counting.calls["fit"] += 1
@@ -143,6 +144,19 @@ def test_rerun_is_a_no_op(source, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in again.path.rglob("*") if p.is_file()} == files
 
 
+def test_a_damaged_store_is_repaired_by_a_rerun(source, tmp_path):
+    store = extract("physionet2012", tmp_path / "s", ["stats"], source=source, shard_size=8,
+                    progress=False)
+    before = shard_bytes(store.path)
+    (store.path / "shards/labs/stats/00001.safetensors").unlink()
+    (store.path / "shards/vitals/stats/00002.safetensors").write_bytes(b"truncated")
+    with pytest.raises(StoreError):
+        EmbeddingStore.open(store.path)
+    again = extract("physionet2012", tmp_path / "s", ["stats"], source=source, shard_size=8,
+                    progress=False)
+    assert shard_bytes(again.path) == before
+
+
 def test_adding_an_expert_keeps_the_old_ones(source, tmp_path):
     out = tmp_path / "s"
     extract("physionet2012", out, ["stats"], source=source, progress=False)
@@ -181,10 +195,9 @@ def test_unknown_names_and_unfit_experts(source, tmp_path):
     with pytest.raises(UnknownPluginError, match="teacher"):
         extract("physionet2012", tmp_path / "s", ["stats"], teachers=["nobody"], source=source,
                 progress=False)
-    with throwaway_plugin():
-        with pytest.raises(ExtractError) as err:
-            extract("physionet2012", tmp_path / "s", ["imageonly"], source=source,
-                    progress=False)
+    with throwaway_plugin(), pytest.raises(ExtractError) as err:
+        extract("physionet2012", tmp_path / "s", ["imageonly"], source=source,
+                progress=False)
     msg = str(err.value)
     assert "vitals (timeseries)" in msg and "static (tabular)" in msg and "stats" in msg
 

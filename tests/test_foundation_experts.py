@@ -550,3 +550,15 @@ def test_download_only_when_allowed(model_dir, no_weights, monkeypatch):
     ex = Dinov2Expert(allow_download=True)
     assert calls == [("facebook/dinov2-base", str(no_weights / "hf"))]
     assert ex.weights.source == "download" and ex.dim(IMG) == 32
+
+
+def test_16bit_png_is_min_max_scaled(models, tmp_path):
+    ex = BiomedCLIPExpert()
+    gray = np.asarray(Image.open(_cxr_views()[0]))  # [H, W] uint8
+    g16 = gray.astype(np.uint16) * 200 + 1000  # a 16-bit radiograph's range
+    png = tmp_path / "x16.png"
+    Image.fromarray(g16).save(png)
+    assert Image.open(png).mode.startswith("I")
+    scaled = ((g16 - g16.min()) / float(g16.max() - g16.min())).astype(np.float32)
+    np.testing.assert_allclose(ex.encode(IMG, [ImageData(views=[str(png)])]),
+                               ex.encode(IMG, [ImageData(views=[scaled])]), atol=1e-6)

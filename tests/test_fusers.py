@@ -131,24 +131,30 @@ def test_shapes_masks_and_garbage(name, task, stores):
     assert n_empty >= 4
     torch.testing.assert_close(out.logits[empty], out.logits[empty][:1].expand(n_empty, -1))
 
+    # imputation baselines (class attribute ``imputes``) fill missing entries on purpose
+    # and treat them as present: their weights and reps are not zero there
+    masks_exact = not getattr(model, "imputes", False)
     if out.reps is not None:
         assert model.rep_dim > 0
         assert out.reps.shape == (B, M, model.rep_dim)
         assert out.rep_mask.shape == (B, M) and out.rep_mask.dtype == torch.bool
         assert not out.rep_mask[empty].any()
-        assert (out.reps[~out.rep_mask] == 0).all()
         assert torch.isfinite(out.reps).all()
+        if masks_exact:
+            assert (out.reps[~out.rep_mask] == 0).all()
     if out.modality_weights is not None:
         assert out.modality_weights.shape == (B, M)
-        assert (out.modality_weights[~batch.modality_mask] == 0).all()
         assert (out.modality_weights >= 0).all()
+        if masks_exact:
+            assert (out.modality_weights[~batch.modality_mask] == 0).all()
     if out.router_weights is not None:
         assert out.router_weights.shape == (B, M, kmax)
         for j, m in enumerate(tensors.modalities):
             k = len(tensors.experts[m])
             w = out.router_weights[:, j]
-            assert (w[:, :k][~batch.expert_mask[m]] == 0).all(), m
             assert (w[:, k:] == 0).all(), m
+            if masks_exact:
+                assert (w[:, :k][~batch.expert_mask[m]] == 0).all(), m
     if out.aux_loss is not None:
         assert out.aux_loss.ndim == 0 and torch.isfinite(out.aux_loss)
 

@@ -293,3 +293,20 @@ def test_manifest_to_store_end_to_end(tmp_path, monkeypatch):
                                            [samples[i].modalities[m] for i in rows])
         np.testing.assert_allclose(emb[rows].numpy(), direct, atol=1e-5)
         assert (emb[[i for i, p in enumerate(present) if not p]] == 0).all()
+
+
+def test_manifest_text_from_files(tmp_path):
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "r1.txt").write_text(tiny.CLINICAL_TEXTS[1])
+    (tmp_path / "reports" / "r3.txt").write_text("  \n")
+    _write_csv(tmp_path / "t.csv", ["id", "report", "y"],
+               [["a", "reports/r1.txt", "1"], ["b", "reports/r2.txt", "0"],
+                ["c", "reports/r3.txt", "0"], ["d", "", "1"]])
+    spec = {"manifest": "t.csv", "id": "id",
+            "modalities": {"report": {"kind": "text", "column": "report", "from_file": True}},
+            "tasks": [{"name": "y", "type": "binary", "column": "y"}]}
+    ds = ManifestDataset(spec=spec, base_dir=str(tmp_path))
+    notes = [s.modalities["report"] for s in ds.samples()]
+    assert notes[0].text == tiny.CLINICAL_TEXTS[1] and notes[1:] == [None, None, None]
+    rep = ds.report()["modalities"]["report"]
+    assert rep["missing_files"] == 1 and rep["empty"] == 2 and rep["present"] == 1

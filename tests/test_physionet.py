@@ -7,11 +7,11 @@ import tarfile
 
 import numpy as np
 import pytest
+from medmix_datasets import physionet2012 as p12
+from medmix_datasets.physionet2012 import PhysioNet2012, missing_rates, write_subset
 
 from medmix_core.errors import DataError
 from medmix_core.plugins import get_dataset
-from medmix_datasets import physionet2012 as p12
-from medmix_datasets.physionet2012 import PhysioNet2012, missing_rates, write_subset
 
 BUNDLED_SHA = "669ca5c6ed9e33c553d748fae3245c74470797a10f30f97239b8dc836c3e3c0f"
 # the 20 smallest RecordIDs, plus 132744 whose length of stay is unknown (-1)
@@ -218,5 +218,5 @@ def test_whole_bundled_set():
     assert 0.2 < rates["arterial"] < 0.4 and 0.4 < rates["hepatic"] < 0.65
     assert rep["dropped_values"]["pH"]["implausible"] > 0  # pH x 100 typos
     splits = d.splits(samples)
-    assert sorted(sum(splits.values(), [])) == list(range(4000))
+    assert sorted(i for rows in splits.values() for i in rows) == list(range(4000))
     assert abs(len(splits["train"]) - 2800) <= 2

@@ -68,6 +68,7 @@ from medmix_core import (
     hookimpl,
 )
 from medmix_core.errors import DataError
+from medmix_core.store import sha256_file
 
 KINDS = ("image", "volume", "text", "tabular", "timeseries")
 _NA = {"", "na", "n/a", "nan", "null", "none"}
@@ -311,14 +312,6 @@ def _number(v: Any) -> float:
     return float(s)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # -- the dataset -----------------------------------------------------------------------------
 
 class ManifestDataset(Dataset):
@@ -382,7 +375,7 @@ class ManifestDataset(Dataset):
             json.dumps(self.spec.model_dump(), sort_keys=True).encode()).hexdigest()
         return {"name": self.name, "source": self.where, "spec_sha256": spec_hash,
                 "manifest": str(self.table_path),
-                "manifest_sha256": _sha256(self.table_path) if self.table_path.is_file() else None,
+                "manifest_sha256": sha256_file(self.table_path) if self.table_path.is_file() else None,
                 "options": {"split_seed": int(self.options.get("split_seed", 0))}}
 
     def report(self) -> dict[str, Any]:

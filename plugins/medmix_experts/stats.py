@@ -22,7 +22,8 @@ values are heavy-tailed. Output is deterministic and finite.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

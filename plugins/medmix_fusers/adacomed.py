@@ -308,4 +308,5 @@ def build_adacomed(spec: FusionSpec, d: int = 128, dropout: float = 0.1, adapter
 
 @hookimpl
 def register_fusers(register):
+    build_adacomed.uses_teacher_at_inference = True
     register("adacomed", build_adacomed)

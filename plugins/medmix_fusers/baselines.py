@@ -566,12 +566,21 @@ def build_medmix_no_inter(spec: FusionSpec, d: int = 128, dropout: float = 0.1,
     return model
 
 
+def _best_expert_candidates(spec: FusionSpec) -> list[dict]:
+    """Options the runner compares on validation when none are given: the k-th expert of
+    every modality (clamped to its expert count), for k = 1..max K."""
+    return [{"expert": {m: spec.experts[m][min(k, len(spec.experts[m]) - 1)]
+                        for m in spec.modalities}} for k in range(spec.max_experts)]
+
+
 @hookimpl
 def register_fusers(register):
     register("meanavg", build_meanavg)
     register("concat", build_concat)
     register("max", build_max)
     register("attention", build_attention)
+    build_teacher_only.uses_teacher_at_inference = True
     register("teacher-only", build_teacher_only)
+    build_medmix_best_expert.candidates = _best_expert_candidates
     register("medmix-best-expert", build_medmix_best_expert)
     register("medmix-no-inter", build_medmix_no_inter)

@@ -150,7 +150,6 @@ class FoundationExpert(ExpertEncoder):
 
     def provenance(self) -> dict[str, Any]:
         out = super().provenance()
-        out["options"] = {k: v for k, v in self.options.items()}
         out.update({
             "model_id": self.weights.repo_id,
             "local_path": str(self.weights.path),

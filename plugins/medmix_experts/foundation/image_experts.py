@@ -230,7 +230,10 @@ class BiomedCLIPExpert(ImageExpert):
 
                 state = load_file(str(wf))
             else:
-                state = torch.load(wf, map_location="cpu", weights_only=True)
+                try:  # memory-mapped: the text tower's tensors are never read
+                    state = torch.load(wf, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:  # legacy (non-zip) serialisation cannot be mapped
+                    state = torch.load(wf, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise CheckpointError(
                 f"Could not read {wf}: {type(exc).__name__}: {exc}. The file looks damaged; "

