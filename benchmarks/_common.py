@@ -6,6 +6,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 
 def setup(args: argparse.Namespace, title: str) -> dict[str, Any]:
     """Apply --threads, print and return the machine description."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress shows when piped to a file
     if args.threads:
         torch.set_num_threads(args.threads)
     info = machine_info("cpu")

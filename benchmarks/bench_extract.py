@@ -11,7 +11,7 @@ Experts whose package, plugin or weights are absent are reported as skipped, wit
 
 Usage:
     python benchmarks/bench_extract.py [--dataset physionet2012] [--experts stats,grid]
-        [--threads 1] [--json out.json]
+        [--limit 400] [--threads 1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ from medmix_core.plugins import get_dataset, get_expert, load_errors, registry  
 
 
 def time_encoder(name: str, cls, mods, samples, train_rows) -> dict:
-    """Fit + encode timings of one expert over every modality it accepts."""
+    """Fit + encode timings of one expert over every modality it accepts.
+
+    ``samples`` may be the first --limit stays; stays/s is per stay timed.
+    """
     enc = cls()
     accepted = [m for m in mods if enc.accepts(m)]
     fit_s = enc_s = 0.0
@@ -69,6 +72,11 @@ def main(argv: list[str] | None = None) -> dict:
                         "accepts a modality of the dataset)")
     p.add_argument("--no-extract", action="store_true",
                    help="time the encoders only, not the full extract()")
+    p.add_argument("--limit", type=int, default=0,
+                   help="time each encoder on the first N stays only (0 = all)")
+    p.add_argument("--extract-budget", type=float, default=300.0,
+                   help="skip extract() of an expert whose encoder timing predicts more "
+                        "than this many seconds for the whole dataset")
     add_common_args(p)
     args = p.parse_args(argv)
     info = setup(args, f"bench_extract: expert throughput on {args.dataset}")
@@ -84,9 +92,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"dataset {args.dataset}: {n} stays, modalities "
           f"{[f'{m.name}({m.kind})' for m in mods]}; loaded in {load_s:.2f}s")
     train_rows = set(int(i) for i in splits["train"])
+    timed = samples[:args.limit] if args.limit > 0 else samples
 
     results = {"machine": info, "dataset": args.dataset, "n_stays": n,
-               "dataset_load_s": load_s, "experts": {}, "skipped": {}}
+               "encoder_stays_timed": len(timed), "dataset_load_s": load_s, "experts": {},
+               "skipped": {}}
     if args.experts:
         names = [e.strip() for e in args.experts.split(",") if e.strip()]
     else:
@@ -100,15 +110,20 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         if not args.experts and not kinds & set(getattr(cls, "kinds", ())):
             continue  # fits no modality of this dataset: not a candidate
+        print(f"{name:>12}: timing the encoder on {len(timed)} stays ...")
         try:
-            rec = time_encoder(name, cls, mods, samples, train_rows)
+            rec = time_encoder(name, cls, mods, timed, train_rows)
         except (MedmixError, ImportError, OSError) as exc:
             results["skipped"][name] = f"{type(exc).__name__}: {exc}"
             continue
         if not rec["modalities"]:
             results["skipped"][name] = f"accepts no modality of {args.dataset}"
             continue
-        if not args.no_extract:
+        predicted = n / rec["encoder_stays_per_s"] + load_s
+        if not args.no_extract and predicted > args.extract_budget:
+            rec["extract_skipped"] = (f"predicted {predicted:.0f}s for {n} stays > "
+                                      f"--extract-budget {args.extract_budget:.0f}s")
+        elif not args.no_extract:
             from medmix_core.extract import extract
 
             with tempfile.TemporaryDirectory(prefix="medmix-extract-") as tmp:
@@ -124,6 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
         if "extract_s" in rec:
             line += (f"; extract() {rec['extract_stays_per_s']:,.0f} stays/s "
                      f"({rec['extract_s']:.1f}s end to end)")
+        elif "extract_skipped" in rec:
+            line += f"; extract() not run: {rec['extract_skipped']}"
         print(line)
     for plugin, err in sorted(load_errors().items()):
         results["skipped"][f"plugin:{plugin}"] = f"plugin failed to load: {err}"

@@ -25,6 +25,28 @@ def _csv(v: Optional[str]) -> Optional[list[str]]:
     return None if v is None else [x.strip() for x in v.split(",") if x.strip()]
 
 
+def parse_expert_options(items: Optional[list[str]]) -> Optional[dict[str, dict[str, Any]]]:
+    """``["biomedclip.model_path=/w", "grid.bin_hours=6"]`` -> nested dict (JSON values)."""
+    if not items:
+        return None
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        name, dot, opt = key.partition(".")
+        if not sep or not dot or not name or not opt:
+            raise MedmixError(f"--expert-option {item!r}: expected EXPERT.OPTION=VALUE, e.g. "
+                              f"biomedclip.model_path=/models/biomedclip or grid.bin_hours=6.")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(name, {})[opt] = value
+    return out
+
+EXPERT_OPTION_HELP = ("Option for one expert's constructor, EXPERT.OPTION=VALUE (repeatable), "
+                      "e.g. biomedclip.model_path=/models/biomedclip.")
+
+
 def build_config(config: Optional[Path], flags: dict[str, Any], sources: dict | None = None):
     """Defaults, then the project file (medmix.yaml or [tool.medmix] in ./pyproject.toml),
     then --config FILE, then flags. ``sources`` (if given) receives where each value came from.
@@ -56,6 +78,7 @@ def run(
     fuser: Optional[str] = typer.Option(None, help="Fuser plugin, or several comma-separated for a comparison table (default medmix)."),
     experts: Optional[str] = typer.Option(None, help="Comma-separated experts (default: all in the store, or the dataset's default committee)."),
     drop_experts: Optional[str] = typer.Option(None, help="Experts to leave out, by name or family (general, domain, rag): the ablation."),
+    expert_option: Optional[list[str]] = typer.Option(None, help=EXPERT_OPTION_HELP),
     teacher: Optional[str] = typer.Option(None, help="Teacher whose embeddings drive distillation (training only)."),
     distill: Optional[bool] = typer.Option(None, "--distill/--no-distill", help="Teacher-student distillation (default: on when --teacher is given)."),
     task: Optional[str] = typer.Option(None, help="Task name (default: the dataset's first, mortality for physionet2012)."),
@@ -90,7 +113,8 @@ def run(
         fopts = json.loads(fuser_options) if fuser_options else None
         fusers = _csv(fuser) or [None]
         flags = dict(dataset=dataset, source=source, store=store, experts=_csv(experts),
-                     drop_experts=_csv(drop_experts), teacher=teacher, distill=distill, task=task,
+                     drop_experts=_csv(drop_experts),
+                     expert_options=parse_expert_options(expert_option), teacher=teacher, distill=distill, task=task,
                      seeds=seeds, epochs=epochs, patience=patience, lr=lr, batch_size=batch_size,
                      d=d, dropout=dropout, modality_dropout=modality_dropout,
                      expert_dropout=expert_dropout, weight_decay=weight_decay,
@@ -131,17 +155,24 @@ def extract(
     teacher: Optional[str] = typer.Option(None, help="Teacher plugin(s), comma-separated (training split only)."),
     device: str = typer.Option("cpu", help="cpu | cuda."),
     shard_size: int = typer.Option(1024, help="Rows per shard (the unit of resumption)."),
-    fit_from: Optional[Path] = typer.Option(None, help="Reuse the fitted expert state of this store (encode an external cohort with training statistics)."),
+    fit_from: Optional[Path] = typer.Option(None, help="Reuse the fitted expert state of this store or run folder (encode an external cohort with training statistics)."),
+    expert_option: Optional[list[str]] = typer.Option(None, help=EXPERT_OPTION_HELP),
+    teacher_rows: str = typer.Option("train", help="Rows a teacher encodes: train (default; teachers are training-only) or all."),
+    split_seed: Optional[int] = typer.Option(None, help="Seed of the dataset's stratified train/val/test split."),
+    all_rows_split: Optional[str] = typer.Option(None, help="Put every row in this split (train, val or test), e.g. test for a cohort only predicted on."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store in --out that was made from other data."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar per expert."),
 ) -> None:
     """Encode a dataset with expert plugins into an EmbeddingStore (batched, resumable)."""
     try:
         from medmix_core.extract import extract as do_extract
 
-        kw: dict[str, Any] = {}
-        if fit_from is not None:
-            kw["fit_from"] = fit_from
         st = do_extract(dataset, out, _csv(experts) or [], _csv(teacher) or [], source=source,
-                        device=device, shard_size=shard_size, **kw)
+                        device=device, shard_size=shard_size, fit_from=fit_from,
+                        expert_options=parse_expert_options(expert_option),
+                        teacher_rows=teacher_rows, overwrite=overwrite,
+                        dataset_options={"split_seed": split_seed} if split_seed is not None
+                        else None, progress=progress, all_rows_split=all_rows_split)
         typer.echo(f"Store {st.path}: {st.n_samples} samples, tasks "
                    f"{[t.name for t in st.tasks]}, splits "
                    f"{ {k: len(v) for k, v in st.splits.items()} }")

@@ -23,6 +23,7 @@ class RunConfig(BaseModel):
     store: str | None = None
     experts: list[str] | None = None
     drop_experts: list[str] = Field(default_factory=list)
+    expert_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     teacher: str | None = None
     task: str | None = None
     keep_modalities: list[str] | None = None

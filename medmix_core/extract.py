@@ -34,7 +34,13 @@ from safetensors.numpy import load_file
 from medmix_core.errors import DataError, MedmixError, StoreError, UnknownPluginError
 from medmix_core.experts import ExpertEncoder
 from medmix_core.plugins import get_dataset, get_expert, get_teacher, registry
-from medmix_core.store import EmbeddingStore, EncoderEntry, StoreWriter, atomic_write_text
+from medmix_core.store import (
+    EmbeddingStore,
+    EncoderEntry,
+    StoreWriter,
+    atomic_write_text,
+    sha256_file,
+)
 from medmix_core.types import ModalitySpec, Sample, TaskSpec
 
 STATE_FILE = "extract_state.json"
@@ -128,7 +134,7 @@ def label_arrays(samples: Sequence[Sample], tasks: Sequence[TaskSpec]) -> dict[s
 
 
 def _validate_dataset(name: str, samples: list[Sample], mods: list[ModalitySpec],
-                      splits: dict[str, list[int]]) -> None:
+                      splits: dict[str, list[int]], need_train: bool = True) -> None:
     if not samples:
         raise DataError(f"Dataset {name!r} yielded no samples; nothing to extract.")
     ids = [s.id for s in samples]
@@ -145,7 +151,7 @@ def _validate_dataset(name: str, samples: list[Sample], mods: list[ModalitySpec]
                 raise DataError(f"Dataset {name!r}: sample {s.id!r}, modality {m!r} is declared "
                                 f"{kinds[m]!r} but holds {type(payload).__name__}.")
     n = len(samples)
-    if "train" not in splits or not splits["train"]:
+    if need_train and not splits.get("train"):
         sizes = {k: len(v) for k, v in splits.items()}
         raise DataError(f"Dataset {name!r}: the splits have no training rows ({sizes}); "
                         f"experts are fitted on the training split.")
@@ -211,6 +217,8 @@ def extract(
     expert_options: dict[str, dict[str, Any]] | None = None,
     teacher_rows: str = "train",
     overwrite: bool = False,
+    fit_from: str | Path | None = None,
+    all_rows_split: str | None = None,
 ) -> EmbeddingStore:
     """Extract expert (and teacher) embeddings of a dataset into an EmbeddingStore.
 
@@ -229,6 +237,13 @@ def extract(
             masked) or ``"all"``.
         overwrite: replace a store in ``out`` made from other data (different dataset,
             source, options or splits), or a store not written by ``extract``.
+        fit_from: a store, or a ``medmix run`` results folder (``encoders.json`` +
+            ``state/``), whose fitted expert state is restored with ``set_state`` instead of
+            fitting: an external cohort is then encoded with the training statistics. Only
+            the (modality, expert) pairs it holds are encoded; teachers are not allowed.
+        all_rows_split: put every row in this split (``"train"``, ``"val"`` or ``"test"``)
+            instead of the dataset's splits, e.g. ``"test"`` for a cohort that is only
+            predicted on. Without ``fit_from`` the split must leave training rows to fit on.
     Returns:
         The opened, validated store.
     Raises:
@@ -247,6 +262,14 @@ def extract(
         raise ExtractError(f"shard_size must be a positive integer, got {shard_size!r}.")
     if teacher_rows not in ("train", "all"):
         raise ExtractError(f"teacher_rows must be 'train' or 'all', got {teacher_rows!r}.")
+    if all_rows_split not in (None, "train", "val", "test"):
+        raise ExtractError(f"all_rows_split must be None, 'train', 'val' or 'test', got "
+                           f"{all_rows_split!r}.")
+    if fit_from is not None and teachers:
+        raise ExtractError(f"Teachers {list(teachers)} are training-only; an extraction that "
+                           f"reuses fitted state (fit_from={str(fit_from)!r}) encodes a cohort "
+                           f"for evaluation and takes no teacher.")
+    fitted = None if fit_from is None else _fitted_states(Path(fit_from))
     expert_options = dict(expert_options or {})
     unused = sorted(set(expert_options) - set(experts) - set(teachers))
     if unused:
@@ -259,16 +282,8 @@ def extract(
                 + [("teacher", n, c) for n, c in _resolve(teachers, "teacher")])
 
     ds = ds_cls(source=source, **(dataset_options or {}))
-    samples = ds.samples()
     mods = ds.modalities()
-    tasks = ds.tasks()
-    splits = {k: sorted(int(i) for i in v) for k, v in ds.splits(samples).items()}
-    _validate_dataset(dataset, samples, mods, splits)
-    n = len(samples)
-    ids = [str(s.id) for s in samples]
-    data_key = {"identity": ds.identity(), "n": n, "ids": _hash(ids), "splits": _hash(splits)}
-    data_hash = _hash(data_key)
-
+    # build the encoders before reading the data, so absent weights fail at once
     encoders: list[tuple[str, str, ExpertEncoder, list[ModalitySpec]]] = []
     for role, name, cls in resolved:
         enc = cls(**expert_options.get(name, {}))
@@ -284,6 +299,19 @@ def extract(
                 f"fit them -> {_who_fits(mods)}.")
         encoders.append((role, name, enc.to(device), accepted))
 
+    samples = ds.samples()
+    tasks = ds.tasks()
+    if all_rows_split is None:
+        splits = {k: sorted(int(i) for i in v) for k, v in ds.splits(samples).items()}
+    else:
+        splits = {k: [] for k in ("train", "val", "test")}
+        splits[all_rows_split] = list(range(len(samples)))
+    _validate_dataset(dataset, samples, mods, splits, need_train=fitted is None)
+    n = len(samples)
+    ids = [str(s.id) for s in samples]
+    data_key = {"identity": ds.identity(), "n": n, "ids": _hash(ids), "splits": _hash(splits)}
+    data_hash = _hash(data_key)
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = _open_state(out, data_hash, data_key, overwrite)
@@ -294,14 +322,24 @@ def extract(
     # a key per (role, modality, encoder); entries already complete are not touched
     todo = []
     for role, name, enc, accepted in encoders:
+        if fitted is not None:
+            accepted = [m for m in accepted if (m.name, name) in fitted]
+            if not accepted:
+                have = sorted(f"{e} on {mod}" for mod, e in fitted)
+                raise ExtractError(f"fit_from={str(fit_from)!r} holds no fitted state of expert "
+                                   f"{name!r} for any modality of {dataset!r}; it holds {have}.")
         for m in accepted:
+            given = None if fitted is None else fitted[(m.name, name)]
+            if given is not None:
+                _check_given(given, enc, m, name, fit_from)
             key = _hash({"data": data_hash, "role": role, "name": name,
                          "class": f"{type(enc).__module__}.{type(enc).__qualname__}",
                          "version": getattr(enc, "version", "1"), "provenance": enc.provenance(),
                          "modality": vars(m), "shard_size": shard_size,
-                         "rows": teacher_rows if role == "teacher" else "all"})
-            todo.append((role, name, enc, m, key))
-    wanted = {f"{role}:{m.name}:{name}": key for role, name, _, m, key in todo}
+                         "rows": teacher_rows if role == "teacher" else "all",
+                         "fit_from": None if given is None else given["sha256"]})
+            todo.append((role, name, enc, m, key, given))
+    wanted = {f"{role}:{m.name}:{name}": key for role, name, _, m, key, _ in todo}
     done = all(state["encoders"].get(k, {}).get("key") == v
                and state["encoders"][k].get("complete") for k, v in wanted.items())
     if done and (out / "manifest.json").is_file() and state.get("manifest_key") == _hash(
@@ -315,13 +353,13 @@ def extract(
                     TimeElapsedColumn(), console=Console(stderr=True), disable=not progress)
     with bars:
         totals: dict[tuple[str, str], int] = {}
-        for role, name, _, _, _ in todo:
+        for role, name, *_ in todo:
             totals[(role, name)] = totals.get((role, name), 0) + n
         tasks_by_enc = {label: bars.add_task(f"{label[0]} {label[1]}", total=total)
                         for label, total in totals.items()}
-        for role, name, enc, m, key in todo:
+        for role, name, enc, m, key, given in todo:
             _extract_one(writer, state, samples, train, role, name, enc, m, key, shard_size,
-                         teacher_rows, bars, tasks_by_enc[(role, name)])
+                         teacher_rows, bars, tasks_by_enc[(role, name)], given)
 
     labels_file, labels_sha = writer.write_labels(label_arrays(samples, tasks))
     experts_m: dict[str, list[EncoderEntry]] = {}
@@ -340,7 +378,8 @@ def extract(
     report = {"dataset": _jsonable(ds.report()),
               "missing_rates": modality_missing_rates(samples, mods),
               "n_samples": n, "split_sizes": {k: len(v) for k, v in splits.items()},
-              "teacher_rows": teacher_rows}
+              "teacher_rows": teacher_rows,
+              "fit_from": None if fit_from is None else str(fit_from)}
     writer.write_manifest(sample_ids=ids, modalities=mods, tasks=tasks, splits=splits,
                           experts=experts_m, teachers=teachers_m, labels_file=labels_file,
                           labels_sha256=labels_sha, dataset=_jsonable(data_key["identity"]),
@@ -349,6 +388,51 @@ def extract(
                                          if e.get("complete")))
     _save_state(out, state)
     return EmbeddingStore.open(out)
+
+
+def _fitted_states(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """Fitted expert states of a store or a run folder: (modality, expert) -> record."""
+    if (path / "manifest.json").is_file():
+        store = EmbeddingStore.open(path)
+        recs = [{"modality": e.modality, "name": e.name, "dim": e.dim,
+                 "provenance": e.provenance, "state_file": e.state_file}
+                for es in store.experts.values() for e in es]
+    elif (path / "encoders.json").is_file():
+        try:
+            recs = json.loads((path / "encoders.json").read_text("utf-8"))["encoders"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise ExtractError(f"{path / 'encoders.json'} is not a valid list of encoders "
+                               f"({exc}); it should be written by `medmix run`.") from exc
+    else:
+        raise ExtractError(f"fit_from={str(path)!r} is neither a store (manifest.json) nor a "
+                           f"`medmix run` results folder (encoders.json); point it at the "
+                           f"store or run whose training statistics should be reused.")
+    out = {}
+    for r in recs:
+        state = None if not r.get("state_file") else path / r["state_file"]
+        if state is not None and not state.is_file():
+            raise ExtractError(f"{state}: fitted state of {r['name']!r} on {r['modality']!r} "
+                               f"listed by {path} is missing; re-create {path}.")
+        out[(r["modality"], r["name"])] = {
+            "path": state, "dim": int(r["dim"]), "provenance": r.get("provenance") or {},
+            "sha256": None if state is None else sha256_file(state)}
+    return out
+
+
+def _check_given(given: dict[str, Any], enc: ExpertEncoder, m: ModalitySpec, name: str,
+                 fit_from: Any) -> None:
+    """A reused state must come from the same expert version and options, with its dim."""
+    mine = _jsonable(enc.provenance())
+    theirs = given["provenance"]
+    for k in ("version", "options"):
+        if k in mine and k in theirs and mine[k] != theirs[k]:
+            raise ExtractError(f"Expert {name!r} on {m.name!r}: fit_from={str(fit_from)!r} was "
+                               f"fitted with {k} {theirs[k]!r}, this extraction uses "
+                               f"{mine[k]!r}; use the same expert options as the training store.")
+    if int(enc.dim(m)) != given["dim"]:
+        raise ExtractError(f"Expert {name!r} on {m.name!r}: dim {enc.dim(m)} here but "
+                           f"{given['dim']} in fit_from={str(fit_from)!r}; the modality's "
+                           f"variables or the expert's options differ.")
 
 
 def _open_state(out: Path, data_hash: str, data_key: dict, overwrite: bool) -> dict[str, Any]:
@@ -384,8 +468,13 @@ def _save_state(out: Path, state: dict[str, Any]) -> None:
 
 def _extract_one(writer: StoreWriter, state: dict[str, Any], samples: list[Sample],
                  train: np.ndarray, role: str, name: str, enc: ExpertEncoder, m: ModalitySpec,
-                 key: str, shard_size: int, teacher_rows: str, bars, bar) -> None:
-    """Fit (or restore) one encoder on one modality and write its missing shards."""
+                 key: str, shard_size: int, teacher_rows: str, bars, bar,
+                 given: dict[str, Any] | None = None) -> None:
+    """Fit (or restore) one encoder on one modality and write its missing shards.
+
+    ``given`` is a fitted state from ``fit_from`` (path or None, dim, provenance): it is
+    restored instead of fitting.
+    """
     n = len(samples)
     label = f"{role}:{m.name}:{name}"
     prev = state["encoders"].get(label)
@@ -423,7 +512,11 @@ def _extract_one(writer: StoreWriter, state: dict[str, Any], samples: list[Sampl
              "provenance": _jsonable(enc.provenance()), "shards": kept,
              "state_file": prev.get("state_file") if prev else None, "complete": False}
     saved = entry["state_file"] and (writer.path / entry["state_file"]).is_file()
-    if saved:
+    if given is not None:
+        if given["path"] is not None:
+            enc.set_state(m, load_file(str(given["path"])))
+            entry["state_file"] = writer.write_state(m.name, state_name, enc.get_state(m))
+    elif saved:
         enc.set_state(m, load_file(str(writer.path / entry["state_file"])))
     else:
         fit_rows = np.flatnonzero(present & train)

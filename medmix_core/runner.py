@@ -72,9 +72,19 @@ def ensure_store(cfg: RunConfig, log=print) -> EmbeddingStore:
 
     log(f"Extracting {', '.join(wanted)}" + (f" + teacher {cfg.teacher}" if cfg.teacher else "")
         + f" from {cfg.dataset} into {path} (cached for later runs)")
+    opts = {k: v for k, v in cfg.expert_options.items() if k in set(wanted) | set(teachers)}
     return extract(cfg.dataset, path, wanted, teachers, source=cfg.source,
-                   device="cuda" if cfg.device == "cuda" else "cpu",
-                   dataset_options=cfg.dataset_options or None, progress=cfg.progress)
+                   device=_extract_device(cfg.device),
+                   dataset_options=cfg.dataset_options or None, progress=cfg.progress,
+                   expert_options=opts or None)
+
+
+def _extract_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 def select_experts(cfg: RunConfig, store: EmbeddingStore) -> list[str]:

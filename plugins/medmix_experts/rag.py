@@ -34,8 +34,9 @@ record's loses that one duplicate, which would only have repeated the query.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -138,8 +139,11 @@ class RAGExpert(ExpertEncoder):
                 "knowledge_base": ("kb_dir:" + str(self.opts["kb_dir"]) if self.opts["kb_dir"]
                                    else "kb_store:" + str(self.opts["kb_store"])
                                    if self.opts["kb_store"] else "training split"),
-                "k": self.opts["k"], "combine": self.opts["combine"],
-                "index_rows": {m: int(x.shape[0]) for m, x in self._index.items()}}
+                "k": self.opts["k"], "combine": self.opts["combine"]}
+
+    def to(self, device: str) -> RAGExpert:
+        self.retriever.to(device)
+        return self
 
     # ------------------------------------------------------------------ index
     def _store_index(self, modality: ModalitySpec) -> np.ndarray:
@@ -190,10 +194,11 @@ class RAGExpert(ExpertEncoder):
             texts = self.retriever.texts(modality, payloads)
             index = self.retriever.encode(modality, payloads)
             hashes, hashed = np.array([text_hash(t) for t in texts], dtype=np.int64), True
-        if index.shape[0] < self.opts["k"] + 1:
+        if index.shape[0] < 2:
             raise DataError(f"rag: the knowledge base of modality {modality.name!r} has "
-                            f"{index.shape[0]} entries; k={self.opts['k']} needs at least "
-                            f"{self.opts['k'] + 1} (one may be the query itself).")
+                            f"{index.shape[0]} entries; retrieval needs at least 2 (one may "
+                            f"be the query itself). Fit on more training payloads or give "
+                            f"kb_dir=<folder of documents>.")
         self._index[modality.name] = index.astype(np.float32)
         self._hash[modality.name] = hashes
         self._hashed[modality.name] = hashed
@@ -251,11 +256,12 @@ class RAGExpert(ExpertEncoder):
             payloads: N present payloads.
         Returns:
             ``q`` float32 ``[N, 384]``, neighbour rows ``[N, k]`` (int64, into the index,
-            most similar first) and their cosines ``[N, k]``.
+            most similar first) and their cosines ``[N, k]``; ``k`` is lowered to the index
+            size minus one for a small index (a rare modality in a small cohort).
         """
         self._ensure_index(modality)
         index = self._index[modality.name]  # [M, d]
-        k = self.opts["k"]
+        k = min(self.opts["k"], index.shape[0] - 1)  # the same k for every query
         texts = self.retriever.texts(modality, payloads)
         q = self.retriever.encode(modality, payloads)  # [N, d]
         sims = q @ index.T  # [N, M]

@@ -44,8 +44,9 @@ import warnings
 import zipfile
 import zlib
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -161,7 +162,7 @@ def _package_dir(module: str) -> Path | None:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _check_model_dir(folder: Path, what: str, fix: str) -> Path:
@@ -229,7 +230,7 @@ class _JoinedParts(io.RawIOBase):
     """The byte concatenation of several files, readable and seekable (a split zip)."""
 
     def __init__(self, paths: Sequence[Path]) -> None:
-        self._files = [open(p, "rb") for p in paths]
+        self._files = [open(p, "rb") for p in paths]  # noqa: SIM115 - closed in close()
         self._sizes = [os.fstat(f.fileno()).st_size for f in self._files]
         self._starts = np.concatenate([[0], np.cumsum(self._sizes)]).tolist()
         self._pos = 0
@@ -394,8 +395,20 @@ class TextModel:
         self.n_parameters = int(sum(p.numel() for p in model.parameters()))
         self.dim = int(model.config.hidden_size)
         self.model = _quantize_int8(model) if quantize else model
+        self.quantized = bool(quantize)
+        self.device = "cpu"
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
+
+    def to(self, device: str) -> TextModel:
+        """Move the model (int8-quantised models run on CPU only)."""
+        if str(device) != self.device:
+            if self.quantized and not str(device).startswith("cpu"):
+                raise DataError(f"An int8-quantised text model runs on CPU only; asked for "
+                                f"{device!r}. Drop quantize=true to run on {device!r}.")
+            self.model.to(device)
+            self.device = str(device)
+        return self
 
     def embed(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Embed texts.
@@ -428,12 +441,13 @@ class TextModel:
                     enc = self.tokenizer([uniq[r] for r in rows], padding=True,
                                          truncation=True, max_length=self.max_length,
                                          return_tensors="pt")
+                    enc = {k: v.to(self.device) for k, v in enc.items()}
                     hidden = self.model(input_ids=enc["input_ids"],
                                         attention_mask=enc["attention_mask"]).last_hidden_state
                     mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [b, T, 1]
                     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # [b, dim]
                     pooled = torch.nn.functional.normalize(pooled, dim=-1)
-                    embs[rows] = pooled.float().numpy()
+                    embs[rows] = pooled.float().cpu().numpy()
             index = {t: j for j, t in enumerate(uniq)}
             with self._lock:
                 for i in todo:
@@ -490,6 +504,7 @@ class SerialisingEncoder(ExpertEncoder):
         self.opts = opts
         self._cohort: dict[str, dict[str, tuple[float, float]]] = {}
         self._model: TextModel | None = None
+        self._device = "cpu"
 
     # -- model
     def model_folder(self) -> Path:
@@ -500,7 +515,15 @@ class SerialisingEncoder(ExpertEncoder):
         if self._model is None:
             self._model = load_text_model(str(self.model_folder()), self.opts["quantize"],
                                           self.opts["max_length"])
-        return self._model
+        return self._model.to(self._device)
+
+    def to(self, device: str) -> SerialisingEncoder:
+        """Run on ``device``; the model (shared by instances in this process) moves lazily."""
+        if self.opts["quantize"] and not str(device).startswith("cpu"):
+            raise DataError(f"Expert {self.name!r}: quantize=true runs on CPU only; asked "
+                            f"for {device!r}. Drop quantize to use {device!r}.")
+        self._device = str(device)
+        return self
 
     def dim(self, modality: ModalitySpec) -> int:
         return self._dim

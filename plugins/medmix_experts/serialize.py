@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -150,7 +150,7 @@ def _canon_unit(u: str) -> str:
     u = u.replace("μ", "µ")
     for group in _UNIT_ALIASES:
         if u in {g.replace(" ", "") for g in group}:
-            return sorted(group)[0]
+            return min(group)
     return u
 
 
