@@ -108,8 +108,11 @@ def main(argv: list[str] | None = None) -> dict:
         except MedmixError as exc:
             results["skipped"][name] = str(exc)
             continue
-        if not args.experts and not kinds & set(getattr(cls, "kinds", ())):
-            continue  # fits no modality of this dataset: not a candidate
+        if not kinds & set(getattr(cls, "kinds", ())):
+            if args.experts:  # asked for by name: say why it is not timed
+                results["skipped"][name] = (f"accepts {list(getattr(cls, 'kinds', ()))}, no "
+                                            f"modality of {args.dataset} ({sorted(kinds)})")
+            continue
         print(f"{name:>12}: timing the encoder on {len(timed)} stays ...")
         try:
             rec = time_encoder(name, cls, mods, timed, train_rows)
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     for plugin, err in sorted(load_errors().items()):
         results["skipped"][f"plugin:{plugin}"] = f"plugin failed to load: {err}"
     for name, why in results["skipped"].items():
-        print(f"{name:>12}: skipped - {why}")
+        print(f"{name:>12}: skipped - {why.splitlines()[0]}")  # full reason in the JSON
     write_json(args.json, results)
     return results
 

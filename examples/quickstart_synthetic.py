@@ -15,9 +15,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from medmix_datasets.synthetic import write_synthetic_store
+
 from medmix_core.config import make_config
 from medmix_core.runner import run
-from medmix_datasets.synthetic import write_synthetic_store
 
 
 def main(out: Path, epochs: int = 4) -> dict:

@@ -96,6 +96,7 @@ def run(
     fuser_options: Optional[str] = typer.Option(None, help='Fuser options as JSON, e.g. \'{"weighting": "inverse"}\'.'),
     threshold: Optional[str] = typer.Option(None, help="Decision threshold: a number (default 0.5) or 'val' (maximise macro-F1 on validation)."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for training (default 1: the fusion networks are small)."),
     out: Optional[str] = typer.Option(None, help="Results folder (default runs/<timestamp>-<fuser>)."),
     external_test: Optional[str] = typer.Option(None, help="Second cohort (store, or raw source of the same dataset) to evaluate the trained models on."),
     bootstrap: Optional[int] = typer.Option(None, help="Bootstrap resamples for 95% CIs of the test metrics (0 = off)."),
@@ -119,7 +120,8 @@ def run(
                      d=d, dropout=dropout, modality_dropout=modality_dropout,
                      expert_dropout=expert_dropout, weight_decay=weight_decay,
                      keep_modalities=_csv(keep_modalities), fuser_options=fopts, threshold=thr,
-                     device=device, external_test=external_test, bootstrap=bootstrap)
+                     device=device, threads=threads, external_test=external_test,
+                     bootstrap=bootstrap)
         sources: dict[str, str] = {}
         base = build_config(config, flags, sources)
         if show_config:

@@ -70,16 +70,36 @@ RSS_LABEL = "peak RSS of the process, CPU (ru_maxrss: everything the process eve
 
 # ----------------------------------------------------------------------------- machine
 
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (Linux), else what platform reports."""
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty off Linux)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break
+                k, _, v = line.partition(":")
+                fields[k.strip().lower()] = v.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return fields
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo, with family/model and the widest SIMD flag
+    (virtual machines often report a bare "AMD EPYC"); else what platform reports."""
+    info = _cpuinfo()
+    name = info.get("model name")
+    if not name:
+        return platform.processor() or platform.machine() or "unknown CPU"
+    extra = []
+    if "cpu family" in info and "model" in info:
+        extra.append(f"family {info['cpu family']} model {info['model']}")
+    flags = set(info.get("flags", "").split())
+    simd = next((f for f in ("avx512f", "avx2", "avx", "sse4_2") if f in flags), None)
+    if simd:
+        extra.append(simd)
+    return f"{name} ({', '.join(extra)})" if extra else name
 
 
 def machine_info(device: torch.device | str | None = None) -> dict[str, Any]:

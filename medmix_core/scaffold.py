@@ -212,10 +212,10 @@ measurement. Replace ``_summary`` with your own model's forward pass to wrap a r
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-
 from medmix_core import ExpertEncoder, ModalitySpec, TabularData, TimeSeriesData
 from medmix_core.errors import DataError
 
@@ -314,9 +314,8 @@ head per modality, and a learned prior for samples with no modality at all.
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from medmix_core import FusionModel, FusionSpec, InterFuser, IntraFuser, masked_softmax
+from torch import nn
 
 
 class MeanOfExperts(IntraFuser):
@@ -352,8 +351,9 @@ def build_fuser(spec: FusionSpec, d: int = 128, dropout: float = 0.1, **_: objec
 _CONFTEST = '''\
 """Register the plugin by hand when it is not installed (``PYTHONPATH=. pytest``)."""
 
-import $package
 from medmix_core.plugins import get_plugin_manager
+
+import $package
 
 pm = get_plugin_manager()
 if not pm.is_registered($package):
@@ -370,11 +370,18 @@ import math
 import numpy as np
 import pytest
 import torch
-
-import $package
-from medmix_core import Batch, Fuser, FusionSpec, ModalitySpec, TabularData, TimeSeriesData
+from medmix_core import (
+    Batch,
+    Fuser,
+    FusionSpec,
+    ModalitySpec,
+    TabularData,
+    TimeSeriesData,
+)
 from medmix_core.errors import MedmixError
 from medmix_core.plugins import get_expert, get_fuser, get_plugin_manager, registry
+
+import $package
 
 
 def names(kind: str) -> list[str]:
@@ -432,8 +439,8 @@ def batch_and_spec(b: int = 32):
                       dims=dims, n_outputs=1)
     experts = {m: [torch.randn(b, k, generator=g) for k in d] for m, d in dims.items()}
     mask = {m: torch.rand(b, len(d), generator=g) > 0.3 for m, d in dims.items()}
-    for m in mask:
-        mask[m][:2] = False  # two samples with nothing available
+    for m_mask in mask.values():
+        m_mask[:2] = False  # two samples with nothing available
     mm = torch.stack([mask[m].any(1) for m in dims], 1)  # [B, M]
     labels = (torch.rand(b, 1, generator=g) > 0.5).float()
     return spec, Batch(experts=experts, expert_mask=mask, modality_mask=mm, labels=labels,

@@ -57,7 +57,7 @@ def site(tmp_path_factory) -> Path:
            str(src)]
     if importlib.util.find_spec("setuptools") is not None:
         cmd.insert(5, "--no-build-isolation")  # build here, no download
-    res = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, check=False, timeout=300)
     assert res.returncode == 0, f"pip install failed:\n{res.stdout}\n{res.stderr}"
     assert (target / "medmix_example_plugin" / "__init__.py").is_file()
     return target
@@ -65,7 +65,7 @@ def site(tmp_path_factory) -> Path:
 
 def test_medmix_plugins_lists_the_example_plugin(site, tmp_path):
     res = subprocess.run([sys.executable, "-m", "medmix_core.cli", "plugins", "--json"],
-                         cwd=tmp_path, env=_env(site), capture_output=True, text=True,
+                         cwd=tmp_path, env=_env(site), capture_output=True, text=True, check=False,
                          timeout=120)
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
@@ -76,7 +76,8 @@ def test_medmix_plugins_lists_the_example_plugin(site, tmp_path):
     assert info["example"]["hooks"] == ["register_experts", "register_fusers"]
     assert info["example"]["registers"] == {"experts": ["pca"], "fusers": ["logit-average"]}
     text = subprocess.run([sys.executable, "-m", "medmix_core.cli", "plugins"], cwd=tmp_path,
-                          env=_env(site), capture_output=True, text=True, timeout=120).stdout
+                          env=_env(site), capture_output=True, text=True, check=False,
+                          timeout=120).stdout
     assert "pca [tabular/timeseries; domain]" in text
 
 
@@ -87,7 +88,7 @@ def test_medmix_run_with_the_plugins_expert_and_fuser(site, tmp_path):
         [sys.executable, "-m", "medmix_core.cli", "run", "--dataset", "synthetic",
          "--fuser", "logit-average", "--experts", "pca,stats", "--epochs", "3",
          "--store", str(store), "--out", str(out), "--device", "cpu"],
-        cwd=tmp_path, env=_env(site), capture_output=True, text=True, timeout=600)
+        cwd=tmp_path, env=_env(site), capture_output=True, text=True, check=False, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["fuser"] == "logit-average"
@@ -108,6 +109,6 @@ def test_the_plugins_own_tests_pass_when_installed(site, tmp_path):
     shutil.copytree(PLUGIN_SRC / "tests", tests)
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                           str(tests)], cwd=tmp_path, env=_env(site), capture_output=True,
-                         text=True, timeout=600)
+                         text=True, check=False, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert " passed" in res.stdout and "failed" not in res.stdout

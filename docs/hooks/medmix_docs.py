@@ -57,9 +57,18 @@ def _cached(key: str, fn) -> str:
 
 
 # ----------------------------------------------------------------------------- CLI
+def _text(text: str) -> str:
+    """Help text as Markdown: ``<dataset>`` must stay text, not become an HTML tag.
+
+    Code spans are left alone (Markdown escapes their content itself).
+    """
+    parts = re.split(r"(`[^`]*`)", text)
+    return "".join(p if p.startswith("`") else html.escape(p, quote=False) for p in parts)
+
+
 def _cell(text: str) -> str:
     """Text safe inside a Markdown table cell."""
-    return " ".join(text.split()).replace("|", "\\|")
+    return " ".join(_text(text).split()).replace("|", "\\|")
 
 
 def render_cli() -> str:
@@ -75,7 +84,7 @@ def render_cli() -> str:
         _commands_registered = True
     group = typer.main.get_command(cli.app)
     root = group.context_class(group, info_name="medmix")
-    out = [f"```text\n{group.get_usage(root)}\n```", "", (group.help or "").strip(), ""]
+    out = [f"```text\n{group.get_usage(root)}\n```", "", _text((group.help or "").strip()), ""]
     names = [n for n in group.list_commands(root) if not group.get_command(root, n).hidden]
     out.append("| Command | What it does |")
     out.append("|---|---|")
@@ -89,7 +98,7 @@ def render_cli() -> str:
         ctx = cmd.context_class(cmd, info_name=name, parent=root)
         out.append(f"## `medmix {name}` {{#medmix-{name}}}")
         out.append("")
-        out.append((cmd.help or "").replace("\b\n", "").strip())
+        out.append(_text((cmd.help or "").replace("\b\n", "").strip()))
         out.append("")
         out.append(f"```text\n{cmd.get_usage(ctx)}\n```")
         out.append("")
@@ -99,7 +108,8 @@ def render_cli() -> str:
             out.append("| Option | Description |")
             out.append("|---|---|")
             for decl, text in rows:
-                out.append(f"| `{_cell(decl)}` | {_cell(text or '')} |")
+                decl = " ".join(decl.split()).replace("|", "\\|")
+                out.append(f"| `{decl}` | {_cell(text or '')} |")
             out.append("")
     return "\n".join(out)
 
@@ -107,11 +117,12 @@ def render_cli() -> str:
 # ----------------------------------------------------------------------------- plugins
 def render_plugins() -> str:
     """``medmix plugins`` as it prints on the machine that builds these docs."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MEDMIX_PLUGINS", "MEDMIX_TRACE_HOOKS")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MEDMIX_PLUGINS", "MEDMIX_TRACE_HOOKS")}
     env["NO_COLOR"] = "1"
     with tempfile.TemporaryDirectory() as tmp:
         res = subprocess.run([sys.executable, "-m", "medmix_core.cli", "plugins"], cwd=tmp,
-                             env=env, capture_output=True, text=True, timeout=600)
+                             env=env, capture_output=True, text=True, check=False, timeout=600)
     if res.returncode != 0:
         raise RuntimeError(f"`medmix plugins` failed while building the docs "
                            f"(exit {res.returncode}):\n{res.stdout}\n{res.stderr}")
@@ -146,8 +157,8 @@ def render_physionet2012() -> str:
 
 
 # ----------------------------------------------------------------------------- maths
-_INLINE = re.compile(r'<span class="arithmatex">\\\((.+?)\\\)</span>', re.S)
-_BLOCK = re.compile(r'<div class="arithmatex">\\\[(.+?)\\\]</div>', re.S)
+_INLINE = re.compile(r'<span class="arithmatex">\\\((.+?)\\\)</span>', re.DOTALL)
+_BLOCK = re.compile(r'<div class="arithmatex">\\\[(.+?)\\\]</div>', re.DOTALL)
 
 
 def tex_to_mathml(text: str) -> str:
@@ -157,7 +168,8 @@ def tex_to_mathml(text: str) -> str:
     from latex2mathml.converter import convert
 
     def block(m: re.Match) -> str:
-        return f'<div class="math-block">{convert(html.unescape(m.group(1)), display="block")}</div>'
+        mathml = convert(html.unescape(m.group(1)), display="block")
+        return f'<div class="math-block">{mathml}</div>'
 
     def inline(m: re.Match) -> str:
         return convert(html.unescape(m.group(1)))

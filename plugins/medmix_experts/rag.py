@@ -43,6 +43,7 @@ import numpy as np
 from medmix_core import ExpertEncoder, ModalitySpec, hookimpl
 from medmix_core.errors import DataError, StoreError
 from medmix_core.types import Payload
+from medmix_experts import serialize as ser
 from medmix_experts.sentence import (
     MINILM_PACKAGE,
     MiniLMExpert,
@@ -139,6 +140,8 @@ class RAGExpert(ExpertEncoder):
                 "knowledge_base": ("kb_dir:" + str(self.opts["kb_dir"]) if self.opts["kb_dir"]
                                    else "kb_store:" + str(self.opts["kb_store"])
                                    if self.opts["kb_store"] else "training split"),
+                "serialiser_version": ser.SERIALISER_VERSION,
+                "quantize": "int8-dynamic" if self.retriever.opts["quantize"] else "fp32",
                 "k": self.opts["k"], "combine": self.opts["combine"]}
 
     def to(self, device: str) -> RAGExpert:

@@ -581,6 +581,10 @@ class SerialisingEncoder(ExpertEncoder):
         if not state:
             self._cohort.pop(modality.name, None)
             return
+        if "cohort_low" not in state or "cohort_high" not in state:
+            raise DataError(f"Expert {self.name!r}: state for modality {modality.name!r} "
+                            f"lacks cohort_low/cohort_high (it has {sorted(state)}); it was "
+                            f"not written by this expert.")
         low, high = np.asarray(state["cohort_low"]), np.asarray(state["cohort_high"])
         if low.shape != (len(modality.variables),) or high.shape != low.shape:
             raise DataError(f"Expert {self.name!r}: state for modality {modality.name!r} has "

@@ -9,7 +9,6 @@ and calls the hooks below, each with a ``register(name, obj)`` callback.
 """
 
 from medmix_core import hookimpl
-
 from medmix_example_plugin.logit_average import build_logit_average
 from medmix_example_plugin.pca import PCAExpert
 

@@ -8,6 +8,7 @@ way medmix's own tests register throwaway plugins.
 from __future__ import annotations
 
 import medmix_example_plugin
+
 from medmix_core.plugins import get_plugin_manager
 
 pm = get_plugin_manager()

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 
+import medmix_example_plugin
 import numpy as np
 import pytest
 import torch
 
-import medmix_example_plugin
 from medmix_core import (
     Batch,
     Fuser,
