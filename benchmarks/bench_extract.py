@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-extract", action="store_true",
                    help="time the encoders only, not the full extract()")
     p.add_argument("--limit", type=int, default=0,
-                   help="time each encoder on the first N stays only (0 = all)")
+                   help="time each encoder on the first N stays only (0 = all); fit then "
+                        "sees only their training rows, so an expert whose fit grows with "
+                        "the training set (a retrieval index) looks faster than extract()")
     p.add_argument("--extract-budget", type=float, default=300.0,
                    help="skip extract() of an expert whose encoder timing predicts more "
                         "than this many seconds for the whole dataset")

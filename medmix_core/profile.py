@@ -901,7 +901,7 @@ def efficiency_plot(rows: list[dict[str, Any]], path: str | Path,
     fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=150)
     front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["cost"])
     ax.plot([r["cost"] for r in front], [r["perf"] for r in front], "-", color="tab:orange",
-            lw=1.5, zorder=1, label="Pareto front")
+            lw=1.5, zorder=1)
     for r in rows:
         is_ref = r["method"] == reference
         ax.scatter(r["cost"], r["perf"], s=70 if is_ref else 40, zorder=2,
@@ -917,7 +917,14 @@ def efficiency_plot(rows: list[dict[str, Any]], path: str | Path,
     ax.set_ylabel("Perf (mean of AUROC, AUPRC, macro-F1, accuracy)")
     ax.set_title("Performance against cost (lower cost, higher Perf is better)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color="tab:orange", lw=1.5, label="Pareto front"),
+               Line2D([], [], ls="", marker="o", color="tab:orange", mec="black", mew=0.6,
+                      label="on the front"),
+               Line2D([], [], ls="", marker="o", color="tab:blue", label="dominated"),
+               Line2D([], [], ls="", marker="*", color="gray", ms=9, label=reference)]
+    ax.legend(handles=handles, loc="lower right", fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

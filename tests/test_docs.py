@@ -151,6 +151,12 @@ def test_math_is_rendered_to_mathml():
     assert "&#x0003C;" in out or "&lt;" in out  # the escaped '<' survived as a character
 
 
+def test_sphinx_roles_in_docstrings_render_as_code():
+    out = _load_docs_hooks().strip_sphinx_roles(
+        "a :class:<code>~medmix_core.batch.Batch</code> and :meth:<code>fit</code>")
+    assert out == "a <code>Batch</code> and <code>fit</code>"
+
+
 # ----------------------------------------------------------------------------- quoted errors
 def _broken_dist(folder: Path) -> Path:
     """A distribution ``broken-plugin`` whose entry point ``broken`` cannot be imported."""
@@ -202,7 +208,11 @@ def test_faq_store_and_name_errors_are_what_medmix_raises(tmp_path, monkeypatch)
     assert str(err.value).split(" Known fusers:")[0] in faq
     with pytest.raises(MedmixError) as err:
         make_config(fuser="medmix", epoch=5, lr=-1)  # the FAQ's bad.yaml
-    assert f"Error: {err.value}" in faq
+    head, _, listed = str(err.value).partition("allowed settings: ")
+    assert f"Error: {head}allowed settings: " in faq
+    # the quoted list may lag behind new settings, but must not name settings that left
+    quoted = faq.split("allowed settings: ", 1)[1].split("\n", 1)[0].split(", ")
+    assert set(quoted) <= set(listed.split(", ")), set(quoted) - set(listed.split(", "))
 
 
 # ----------------------------------------------------------------------------- examples
@@ -261,3 +271,4 @@ def test_mkdocs_build_strict(tmp_path):
         text = html.read_text("utf-8")
         assert "<!-- medmix:" not in text, f"unreplaced marker in {html}"
         assert 'class="arithmatex"' not in text, f"unrendered maths in {html}"
+        assert ":class:<code>" not in text, f"raw Sphinx role in {html}"

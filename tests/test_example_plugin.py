@@ -79,6 +79,13 @@ def test_medmix_plugins_lists_the_example_plugin(site, tmp_path):
                           env=_env(site), capture_output=True, text=True, check=False,
                           timeout=120).stdout
     assert "pca [tabular/timeseries; domain]" in text
+    # the docs quote this listing; it must stay what medmix prints
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("example  ("))
+    block = lines[start:start + 4]
+    docs = PLUGIN_SRC.parents[1] / "docs" / "plugins"
+    for page in ("tutorial.md", "index.md"):
+        assert "\n".join(block) in (docs / page).read_text("utf-8"), page
 
 
 def test_medmix_run_with_the_plugins_expert_and_fuser(site, tmp_path):

@@ -105,3 +105,21 @@ def test_installed_skeleton_is_listed_by_medmix_plugins(tmp_path):
     info = {p["name"]: p for p in json.loads(res.stdout)["plugins"]}
     assert info["skel"]["distribution"] == "medmix-skel 0.1.0"
     assert info["skel"]["registers"] == {"experts": ["skel"]}
+
+
+def test_new_plugin_command(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from medmix_core.cli import app
+
+    group = typer.main.get_command(app)
+    if "new-plugin" not in group.list_commands(group.context_class(group, info_name="medmix")):
+        pytest.skip("`medmix new-plugin` is not wired into medmix_core/cli.py yet")
+    runner = CliRunner()
+    res = runner.invoke(app, ["new-plugin", "medmix-cli-skel", "--dest", str(tmp_path),
+                              "--kind", "fuser"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "medmix-cli-skel" / "medmix_cli_skel" / "fuser.py").is_file()
+    res = runner.invoke(app, ["new-plugin", "medmix-cli-skel", "--dest", str(tmp_path)])
+    assert res.exit_code == 2 and "refusing to overwrite" in res.output

@@ -12,7 +12,8 @@ Markers replaced in the Markdown of any page:
     variables and units, missing rates, labels and splits.
 
 After Markdown: TeX that ``pymdownx.arithmatex`` protected is converted to MathML with
-``latex2mathml``, so equations render in the browser without JavaScript or a CDN.
+``latex2mathml``, so equations render in the browser without JavaScript or a CDN; and
+the Sphinx roles some docstrings use (``:class:`~a.b.C```) are shown as plain code.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def on_page_markdown(markdown: str, page, config, files, **kwargs) -> str:
 
 
 def on_page_content(html_text: str, page, config, files, **kwargs) -> str:
-    return tex_to_mathml(html_text)
+    return strip_sphinx_roles(tex_to_mathml(html_text))
 
 
 def _cached(key: str, fn) -> str:
@@ -175,3 +176,13 @@ def tex_to_mathml(text: str) -> str:
         return convert(html.unescape(m.group(1)))
 
     return _INLINE.sub(inline, _BLOCK.sub(block, text))
+
+
+# ----------------------------------------------------------------------------- docstrings
+_ROLE = re.compile(r":(?:py:)?(?:class|func|meth|mod|attr|data|exc|obj|const):(?=<code>)")
+_TILDE = re.compile(r"<code>~(?:\w+\.)+(\w+)</code>")
+
+
+def strip_sphinx_roles(text: str) -> str:
+    """``:class:<code>~a.b.C</code>`` (a Sphinx role after Markdown) -> ``<code>C</code>``."""
+    return _TILDE.sub(r"<code>\1</code>", _ROLE.sub("", text))
