@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # CPU wheel by default; on a CUDA machine: make demo TORCH="torch==2.13.0 --index-url ..."
 TORCH  ?= torch==2.13.0
-EXTRAS ?= test,text,timeseries,plots
+EXTRAS ?= test,text,timeseries,plots,docs
 STAMP  := $(VENV)/.medmix-installed
 
 .PHONY: setup demo test docs clean
@@ -26,8 +26,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 docs: $(STAMP)
-	$(BIN)/python -m pip install -q -e ".[docs]"
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) site

@@ -284,6 +284,22 @@ def report(path: Path = typer.Argument(..., help="A run or sweep folder.")) -> N
         _fail(exc)
 
 
+@app.command("new-plugin")
+def new_plugin_cmd(
+    name: str = typer.Argument(..., help="Distribution name, e.g. medmix-pca; the registered expert/fuser name drops the medmix- prefix."),
+    dest: Path = typer.Option(Path("."), help="Parent folder: the skeleton is written to DEST/NAME (never over a non-empty folder)."),
+    kind: str = typer.Option("both", help="What the skeleton registers: expert, fuser or both."),
+) -> None:
+    """Write a working plugin skeleton: pyproject with the entry point, hooks, a minimal expert and/or fuser, tests."""
+    try:
+        from medmix_core.scaffold import new_plugin
+
+        root = new_plugin(name, dest, kind)
+        typer.echo(f"Wrote {root}. Next: cd {root} && PYTHONPATH=. pytest, then pip install -e .")
+    except MedmixError as exc:
+        _fail(exc)
+
+
 def _register_plugin_commands() -> None:
     try:
         from medmix_core.plugins import get_plugin_manager

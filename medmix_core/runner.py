@@ -63,6 +63,11 @@ def ensure_store(cfg: RunConfig, log=print) -> EmbeddingStore:
         if cfg.store and not cfg.dataset:
             raise StoreError(f"Store {path} lacks {sorted(set(wanted or []) - have)}.")
         wanted = sorted(have | set(wanted or []))
+    from medmix_core.plugins import get_any_encoder, get_dataset
+
+    get_dataset(cfg.dataset)
+    for name in list(wanted or []) + teachers:  # typos fail before anything is printed
+        get_any_encoder(name)
     if wanted is None:
         wanted = DEFAULT_EXPERTS.get(cfg.dataset)
         if wanted is None:
@@ -288,9 +293,10 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     out = Path(cfg.out) if cfg.out else Path("runs") / (
         dt.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{cfg.fuser}")
     out.mkdir(parents=True, exist_ok=True)
-    resolved = cfg.model_copy(update={"store": str(store.path),
-                                      "experts": [n for m in spec.modalities
-                                                  for n in spec.experts[m]]})
+    used = []
+    for m in spec.modalities:
+        used += [n for n in spec.experts[m] if n not in used]
+    resolved = cfg.model_copy(update={"store": str(store.path), "experts": used})
     atomic_write_text(out / "config.json", resolved.model_dump_json(indent=1))
     _copy_encoders(store, tensors, out)
 
@@ -335,7 +341,8 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
 
     metrics: dict[str, Any] = {
         "task": tensors_task(cfg, store), "task_type": tensors.task_type, "fuser": cfg.fuser,
-        "experts": resolved.experts, "modalities": spec.modalities, "seeds": list(cfg.seeds),
+        "experts": resolved.experts, "experts_by_modality": spec.experts,
+        "modalities": spec.modalities, "seeds": list(cfg.seeds),
         "teacher": cfg.teacher if teacher_needed else None, "distill": cfg.distill_on,
         "threshold_rule": ("chosen on validation to maximise macro-F1"
                            if cfg.threshold == "val" else f"fixed at {cfg.threshold}"),

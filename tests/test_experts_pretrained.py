@@ -267,6 +267,9 @@ def test_fracast_time_grid_and_scaling():
     assert not series[~observed].any()
     assert expert.dim(spec) == 128 + 129 and expert.accepts(spec)
     assert not expert.accepts(ModalitySpec("x", "timeseries", ["Na"]))
+    only = fracast_ts.FracastExpert(modalities="vitals")
+    assert only.accepts(ModalitySpec("vitals", "timeseries", ["HR"]))
+    assert not only.accepts(ModalitySpec("labs", "timeseries", ["Na"]))
     late = TimeSeriesData(["HR", "Temp"], [np.array([50.0]), np.zeros(0)],
                           [np.array([70.0]), np.zeros(0)], 48.0)
     with pytest.raises(DataError, match="outside"):

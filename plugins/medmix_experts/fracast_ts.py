@@ -35,6 +35,7 @@ the most training stays, chosen in ``fit`` and saved in the state; or exactly th
 ``variables`` option.
 
 Options: ``variables`` (list or comma-separated names), ``max_variables`` (4),
+``modalities`` (names of the modalities to encode; default every time-series one),
 ``step_hours`` (1.0), ``pool`` ("slots" | "mean"), ``weights`` ("fp32" | "w8": the
 release's int8 weights, dequantised), ``series_batch`` (series per forward pass, 32),
 ``compile`` (False), ``model_dir`` (a local Fracast release folder instead of the packaged
@@ -126,12 +127,14 @@ class FracastExpert(ExpertEncoder):
         super().__init__(**options)
         opts = check_options(self.name, options, {
             "variables": ((list, tuple, str), None), "max_variables": (int, 4),
+            "modalities": ((list, tuple, str), None),
             "step_hours": ((int, float), 1.0), "pool": (str, "slots"),
             "weights": (str, "fp32"), "series_batch": (int, 32),
             "compile": ((bool, str), False), "model_dir": ((str, os.PathLike), None)})
         opts["compile"] = as_bool(self.name, "compile", opts["compile"])
-        if isinstance(opts["variables"], str):
-            opts["variables"] = [v.strip() for v in opts["variables"].split(",") if v.strip()]
+        for key in ("variables", "modalities"):
+            if isinstance(opts[key], str):
+                opts[key] = [v.strip() for v in opts[key].split(",") if v.strip()]
         if opts["variables"] is not None and not opts["variables"]:
             raise DataError("Expert 'fracast': option 'variables' is empty; give names such "
                             "as variables='HR,Temp' or leave it out to pick the densest.")
@@ -203,6 +206,8 @@ class FracastExpert(ExpertEncoder):
     # ------------------------------------------------------------------ variables
     def accepts(self, modality: ModalitySpec) -> bool:
         if modality.kind not in self.kinds:
+            return False
+        if self.opts["modalities"] is not None and modality.name not in self.opts["modalities"]:
             return False
         want = self.opts["variables"]
         return want is None or any(v in modality.variables for v in want)
