@@ -608,6 +608,13 @@ def profile_fuser(fuser: str, tensors: StoreTensors, cfg: RunConfig, device: str
                                 + _batch_tensors(train_batches[1 % len(train_batches)]))
     lat_train = _timed(step, repeats, warmup, dev, bs)
 
+    mach = machine_info(dev)
+    load = (mach.get("loadavg") or [0.0])[0]
+    if dev.type == "cpu" and torch.get_num_threads() > 1 and load > (mach["usable_cores"] or 1):
+        notes.append(f"Load average {load} on {mach['usable_cores']} cores with "
+                     f"{torch.get_num_threads()} torch threads: parallel ops wait for their "
+                     f"sibling threads to be scheduled, which can slow timings many-fold; "
+                     f"profile with one thread (torch.set_num_threads(1)) on a busy machine.")
     memory: dict[str, Any] = {"inference": mem_inf, "train_step": mem_train}
     if dev.type == "cpu":
         memory["peak_rss_bytes"] = peak_rss_bytes()
@@ -629,7 +636,7 @@ def profile_fuser(fuser: str, tensors: StoreTensors, cfg: RunConfig, device: str
         "latency": {"inference": lat_inf, "train_step": lat_train,
                     "note": "per batch of pre-built batches already on the device; batch "
                             "assembly and host-to-device copies are not timed"},
-        "machine": machine_info(dev), "notes": notes,
+        "machine": mach, "notes": notes,
     }
 
 

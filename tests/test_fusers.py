@@ -186,7 +186,6 @@ def test_factory_is_documented(name):
     assert len(doc.strip()) > 20, f"fuser {name!r} has no docstring"
 
 
-@pytest.mark.skip(reason="the documentation pages are written separately")
 @pytest.mark.parametrize("name", FUSERS)
 def test_fuser_has_a_docs_page(name):
     docs = Path(__file__).resolve().parents[1] / "docs"
