@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_common_args, setup, write_json  # noqa: E402
+from _common import add_common_args, setup, write_json
 
-from medmix_core.errors import MedmixError  # noqa: E402
-from medmix_core.plugins import get_dataset, get_expert, load_errors, registry  # noqa: E402
+from medmix_core.errors import MedmixError
+from medmix_core.plugins import get_dataset, get_expert, load_errors, registry
 
 
 def time_encoder(name: str, cls, mods, samples, train_rows) -> dict:
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     n = len(samples)
     print(f"dataset {args.dataset}: {n} stays, modalities "
           f"{[f'{m.name}({m.kind})' for m in mods]}; loaded in {load_s:.2f}s")
-    train_rows = set(int(i) for i in splits["train"])
+    train_rows = {int(i) for i in splits["train"]}
     timed = samples[:args.limit] if args.limit > 0 else samples
 
     results = {"machine": info, "dataset": args.dataset, "n_stays": n,

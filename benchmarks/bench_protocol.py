@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BUNDLED_STORE, add_common_args, setup, store_or_hint, write_json  # noqa: E402
+from _common import BUNDLED_STORE, add_common_args, setup, store_or_hint, write_json
 
-from medmix_core.config import make_config  # noqa: E402
-from medmix_core.runner import run  # noqa: E402
+from medmix_core.config import make_config
+from medmix_core.runner import run
 
 
 def main(argv: list[str] | None = None) -> dict:

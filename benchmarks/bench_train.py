@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BUNDLED_STORE, add_common_args, setup, store_or_hint, write_json  # noqa: E402
+from _common import BUNDLED_STORE, add_common_args, setup, store_or_hint, write_json
 
-from medmix_core.batch import StoreTensors  # noqa: E402
-from medmix_core.config import make_config  # noqa: E402
-from medmix_core.profile import profile_fuser  # noqa: E402
-from medmix_core.store import EmbeddingStore  # noqa: E402
-from medmix_core.training import make_spec, train_seed  # noqa: E402
+from medmix_core.batch import StoreTensors
+from medmix_core.config import make_config
+from medmix_core.profile import profile_fuser
+from medmix_core.store import EmbeddingStore
+from medmix_core.training import make_spec, train_seed
 
 SYN_DIMS = (64, 128, 256, 384, 512, 768, 1024)
 

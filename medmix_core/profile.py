@@ -33,9 +33,10 @@ import sys
 import time
 import warnings
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -319,11 +320,11 @@ class TensorMemoryTracker:
             if isinstance(t, torch.Tensor):
                 self._track(t)
 
-    def __enter__(self) -> "TensorMemoryTracker":
+    def __enter__(self) -> TensorMemoryTracker:
         self._mode.__enter__()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._mode.__exit__(*exc)
 
 
@@ -561,7 +562,7 @@ def profile_fuser(fuser: str, tensors: StoreTensors, cfg: RunConfig, device: str
     mem_inf = _measure_memory(lambda: infer(0), dev,
                               _module_tensors(model) + _batch_tensors(infer_batches[0]))
     lat_inf = _timed(infer, repeats, warmup, dev, bs)
-    del infer_batches
+    infer_batches.clear()  # free them before the training batches
 
     # one training step, as train_seed takes it (distillation at its full weight)
     model.train()
@@ -670,10 +671,10 @@ def profile_markdown(results: list[dict[str, Any]]) -> str:
         lines += [f"Device: {mach['device']} ({mach['device_name']}); {mach['cpu_cores']} CPU "
                   f"cores, {mach['torch_threads']} torch threads; torch {mach['torch']}."
                   + (f" Load average {mach['loadavg']}." if "loadavg" in mach else ""), ""]
-    lines += ["| fuser | params deployed | params trainable | MACs / sample | peak mem infer | "
+    header = ("| fuser | params deployed | params trainable | MACs / sample | peak mem infer | "
               "peak mem train | infer ms (p50 / p90) | infer samples/s | train step ms "
-              "(p50 / p90) | train samples/s |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "(p50 / p90) | train samples/s |")
+    lines += [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         li, lt = r["latency"]["inference"], r["latency"]["train_step"]
         lines.append(
@@ -686,14 +687,16 @@ def profile_markdown(results: list[dict[str, Any]]) -> str:
     lines.append("")
     if results:
         r0 = results[0]
-        lines += [f"Batch size {r0['batch_size']}; latency over "
+        timing = (f"Batch size {r0['batch_size']}; latency over "
                   f"{r0['latency']['inference']['repeats']} timed batches after "
                   f"{r0['latency']['inference']['warmup']} warm-up batches "
-                  f"({r0['latency']['note']}).", "",
+                  f"({r0['latency']['note']}).")
+        lines += [timing, "",
                   f"MACs: {MAC_NOTE}", "",
                   f"Peak memory: {r0['memory']['inference']['method']}."]
         if "peak_rss_bytes" in r0["memory"]:
-            lines.append(f"{RSS_LABEL}: {_fmt_bytes(max(r['memory']['peak_rss_bytes'] for r in results))}.")
+            rss = max(r["memory"]["peak_rss_bytes"] for r in results)
+            lines.append(f"{RSS_LABEL}: {_fmt_bytes(rss)}.")
         lines.append("")
     for r in results:
         p = r["params"]
@@ -733,6 +736,29 @@ def write_profile(result: dict[str, Any] | list[dict[str, Any]], out_dir: str | 
     atomic_write_text(paths[0], json.dumps(_clean(results), indent=1))
     atomic_write_text(paths[1], profile_markdown(results))
     return paths
+
+
+def load_profiles(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Profiles written by :func:`write_profile`, by fuser name.
+
+    Args:
+        path: a ``profile.json`` file, or the folder holding one.
+    Returns:
+        fuser -> profile.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "profile.json"
+    if not p.is_file():
+        raise MedmixError(f"No profile at {p}; write one with `medmix profile --out DIR`.")
+    try:
+        data = json.loads(p.read_text("utf-8"))
+    except json.JSONDecodeError as exc:
+        raise MedmixError(f"{p} is not valid JSON ({exc}).") from exc
+    items = data if isinstance(data, list) else [data]
+    if not all(isinstance(r, dict) and "fuser" in r for r in items):
+        raise MedmixError(f"{p} does not hold profiles (expected objects with a 'fuser' key).")
+    return {r["fuser"]: r for r in items}
 
 
 def _clean(o: Any) -> Any:
@@ -870,11 +896,11 @@ COLUMNS = ("method", "params", "macs_per_sample", "peak_memory_bytes", "auroc", 
 
 
 def efficiency_markdown(rows: list[dict[str, Any]], reference: str = "medmix") -> str:
-    lines = ["# Efficiency", "",
-             f"Perf = mean(AUROC, AUPRC, macro-F1, accuracy) on the test split (mean over "
+    intro = (f"Perf = mean(AUROC, AUPRC, macro-F1, accuracy) on the test split (mean over "
              f"seeds). Cost = geometric mean of the deployed-parameter, MAC and peak-memory "
              f"ratios relative to {reference}. EffScore = (Perf / Perf_{reference}) / Cost. "
-             f"Pareto: no other method has lower-or-equal Cost and higher-or-equal Perf.", "",
+             f"Pareto: no other method has lower-or-equal Cost and higher-or-equal Perf.")
+    lines = ["# Efficiency", "", intro, "",
              "| method | params | MACs / sample | peak memory | Perf | Cost | EffScore | Pareto |",
              "|---|---:|---:|---:|---:|---:|---:|:-:|"]
     for r in rows:

@@ -110,3 +110,15 @@ def test_project_defaults_from_pyproject_tool_table(tmp_path, monkeypatch):
 def test_predict_on_a_folder_that_is_not_a_run(tmp_path, synth_store_path):
     res = runner.invoke(app, ["predict", str(tmp_path), "--source", str(synth_store_path)])
     assert res.exit_code == 2 and "holds no trained model" in res.output
+
+
+def test_profile_command_writes_profile_and_efficiency_table(trained, synth_store_path, tmp_path):
+    out = tmp_path / "prof"
+    res = runner.invoke(app, ["profile", "--store", str(synth_store_path), "--fuser", "medmix",
+                              "--repeats", "2", "--warmup", "1", "--d", "16", "--out", str(out),
+                              "--runs", str(trained)])
+    assert res.exit_code == 0, res.output
+    prof = json.loads((out / "profile.json").read_text())
+    first = prof[0] if isinstance(prof, list) else prof
+    assert first["fuser"] == "medmix"
+    assert (out / "efficiency.md").is_file() and "EffScore" in (out / "efficiency.md").read_text()

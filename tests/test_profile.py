@@ -21,6 +21,7 @@ from medmix_core.profile import (
     TensorMemoryTracker,
     count_macs,
     efficiency_table,
+    load_profiles,
     pareto_front,
     profile_fuser,
     write_efficiency,
@@ -154,6 +155,7 @@ def test_profile_medmix_on_synthetic_store(synth_store, one_thread, tmp_path):
     paths = write_profile([res], tmp_path)
     assert json.loads(paths[0].read_text())[0]["fuser"] == "medmix"
     assert "| medmix |" in paths[1].read_text()
+    assert load_profiles(tmp_path)["medmix"]["params"] == p
 
 
 def test_profile_rejects_bad_sizes(synth_store):
