@@ -25,7 +25,10 @@ def _encode(run_dir: Path, source: str) -> EmbeddingStore:
 
     cfg = json.loads((run_dir / "config.json").read_text())
     info = json.loads((run_dir / "encoders.json").read_text())
-    experts = sorted({e["name"] for e in info["encoders"]})
+    experts: list[str] = []  # the run's order, so the new store lists experts the same way
+    for e in info["encoders"]:
+        if e["name"] not in experts:
+            experts.append(e["name"])
     tmp = Path(tempfile.mkdtemp(prefix="medmix-predict-"))
     return extract(cfg["dataset"], tmp / "store", experts, [], source=source,
                    fit_from=run_dir, dataset_options=cfg.get("dataset_options") or None,

@@ -229,9 +229,12 @@ def open_external(cfg: RunConfig, store: EmbeddingStore, log=print) -> Embedding
         return EmbeddingStore.open(src)
     from medmix_core.extract import extract
 
-    path = default_store_path(cfg.model_copy(update={"source": src, "store": None}))
-    path = path.with_name(path.name + "-external")
-    experts = sorted({e.name for es in store.experts.values() for e in es})
+    # beside the training store, keyed by the external source
+    key = default_store_path(cfg.model_copy(update={"source": src, "store": None})).name
+    path = store.path.parent / f"{store.path.name}-external-{key.rsplit('-', 1)[-1]}"
+    experts: list[str] = []  # the training store's order
+    for es in store.experts.values():
+        experts += [e.name for e in es if e.name not in experts]
     log(f"Encoding external cohort {src} with the training store's fitted experts -> {path}")
     return extract(cfg.dataset, path, experts, [], source=src, fit_from=store.path,
                    progress=cfg.progress, dataset_options=cfg.dataset_options or None)
