@@ -19,10 +19,10 @@ from medmix_core.experts import ExpertEncoder, Teacher
 from medmix_core.fusion import (
     MASK_SCORE,
     ExpertProjector,
+    Fuser,
     FusionModel,
     FusionOutput,
     FusionSpec,
-    Fuser,
     InterFuser,
     IntraFuser,
     masked_softmax,

@@ -44,12 +44,15 @@ class Batch:
     def size(self) -> int:
         return int(self.modality_mask.shape[0])
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         def mv(t):
             return None if t is None else t.to(device, non_blocking=True)
         return replace(
             self,
-            experts={m: [x.to(device, non_blocking=True) for x in xs] for m, xs in self.experts.items()},
+            experts={
+                m: [x.to(device, non_blocking=True) for x in xs]
+                for m, xs in self.experts.items()
+            },
             expert_mask={m: mv(x) for m, x in self.expert_mask.items()},
             modality_mask=mv(self.modality_mask), labels=mv(self.labels),
             label_mask=mv(self.label_mask),
@@ -57,7 +60,7 @@ class Batch:
             teacher_mask=mv(self.teacher_mask), index=mv(self.index),
         )
 
-    def with_masks(self, expert_mask: dict[str, torch.Tensor]) -> "Batch":
+    def with_masks(self, expert_mask: dict[str, torch.Tensor]) -> Batch:
         """A batch with new expert masks; the modality mask is recomputed from them."""
         mm = torch.stack([expert_mask[m].any(dim=1) for m in self.modalities], dim=1)
         tm = None if self.teacher_mask is None else self.teacher_mask & mm
@@ -91,7 +94,7 @@ class StoreTensors:
 
     @classmethod
     def from_store(cls, store: EmbeddingStore, task: str | None = None,
-                   experts: list[str] | None = None, teacher: str | None = None) -> "StoreTensors":
+                   experts: list[str] | None = None, teacher: str | None = None) -> StoreTensors:
         """Load chosen experts (default: all) and optionally one teacher from a store."""
         spec = store.task(task)
         available = sorted({e.name for es in store.experts.values() for e in es})

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -21,11 +20,11 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _csv(v: Optional[str]) -> Optional[list[str]]:
+def _csv(v: str | None) -> list[str] | None:
     return None if v is None else [x.strip() for x in v.split(",") if x.strip()]
 
 
-def parse_expert_options(items: Optional[list[str]]) -> Optional[dict[str, dict[str, Any]]]:
+def parse_expert_options(items: list[str] | None) -> dict[str, dict[str, Any]] | None:
     """``["biomedclip.model_path=/w", "grid.bin_hours=6"]`` -> nested dict (JSON values)."""
     if not items:
         return None
@@ -47,7 +46,7 @@ EXPERT_OPTION_HELP = ("Option for one expert's constructor, EXPERT.OPTION=VALUE 
                       "e.g. biomedclip.model_path=/models/biomedclip.")
 
 
-def build_config(config: Optional[Path], flags: dict[str, Any], sources: dict | None = None):
+def build_config(config: Path | None, flags: dict[str, Any], sources: dict | None = None):
     """Defaults, then the project file (medmix.yaml or [tool.medmix] in ./pyproject.toml),
     then --config FILE, then flags. ``sources`` (if given) receives where each value came from.
     """
@@ -72,36 +71,36 @@ def build_config(config: Optional[Path], flags: dict[str, Any], sources: dict | 
 
 @app.command()
 def run(
-    dataset: Optional[str] = typer.Option(None, help="Dataset plugin (default physionet2012, bundled)."),
-    source: Optional[str] = typer.Option(None, help="Raw data path for the dataset (default: bundled)."),
-    spec: Optional[str] = typer.Option(None, help="Cohort spec (YAML/JSON) for the manifest dataset; implies --dataset manifest."),
-    store: Optional[str] = typer.Option(None, help="Embedding store folder (default stores/<dataset>)."),
-    fuser: Optional[str] = typer.Option(None, help="Fuser plugin, or several comma-separated for a comparison table (default medmix)."),
-    experts: Optional[str] = typer.Option(None, help="Comma-separated experts (default: all in the store, or the dataset's default committee)."),
-    drop_experts: Optional[str] = typer.Option(None, help="Experts to leave out, by name or family (general, domain, rag): the ablation."),
-    expert_option: Optional[list[str]] = typer.Option(None, help=EXPERT_OPTION_HELP),
-    teacher: Optional[str] = typer.Option(None, help="Teacher whose embeddings drive distillation (training only)."),
-    distill: Optional[bool] = typer.Option(None, "--distill/--no-distill", help="Teacher-student distillation (default: on when --teacher is given)."),
-    task: Optional[str] = typer.Option(None, help="Task name (default: the dataset's first, mortality for physionet2012)."),
-    seeds: Optional[int] = typer.Option(None, help="Number of seeds: trains seeds 0..N-1 and reports mean ± std."),
-    epochs: Optional[int] = typer.Option(None, help="Maximum epochs (default 200)."),
-    patience: Optional[int] = typer.Option(None, help="Early-stopping patience on validation loss (default 20)."),
-    lr: Optional[float] = typer.Option(None, help="Base learning rate (router: 0.3 x)."),
-    batch_size: Optional[int] = typer.Option(None, help="Minibatch size (default 256)."),
-    d: Optional[int] = typer.Option(None, help="Shared representation width d (default 128)."),
-    dropout: Optional[float] = typer.Option(None, help="Dropout of the expert projections."),
-    modality_dropout: Optional[float] = typer.Option(None, help="Training-time modality dropout on masks."),
-    expert_dropout: Optional[float] = typer.Option(None, help="Training-time expert dropout on masks."),
-    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay."),
-    keep_modalities: Optional[str] = typer.Option(None, help="Use only these modalities (comma-separated)."),
-    fuser_options: Optional[str] = typer.Option(None, help='Fuser options as JSON, e.g. \'{"weighting": "inverse"}\'.'),
-    threshold: Optional[str] = typer.Option(None, help="Decision threshold: a number (default 0.5) or 'val' (maximise macro-F1 on validation)."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for training (default 1: the fusion networks are small)."),
-    out: Optional[str] = typer.Option(None, help="Results folder (default runs/<timestamp>-<fuser>)."),
-    external_test: Optional[str] = typer.Option(None, help="Second cohort (store, or raw source of the same dataset) to evaluate the trained models on."),
-    bootstrap: Optional[int] = typer.Option(None, help="Bootstrap resamples for 95% CIs of the test metrics (0 = off)."),
-    config: Optional[Path] = typer.Option(None, help="JSON or YAML config file; flags override it."),
+    dataset: str | None = typer.Option(None, help="Dataset plugin (default physionet2012, bundled)."),
+    source: str | None = typer.Option(None, help="Raw data path for the dataset (default: bundled)."),
+    spec: str | None = typer.Option(None, help="Cohort spec (YAML/JSON) for the manifest dataset; implies --dataset manifest."),
+    store: str | None = typer.Option(None, help="Embedding store folder (default stores/<dataset>)."),
+    fuser: str | None = typer.Option(None, help="Fuser plugin, or several comma-separated for a comparison table (default medmix)."),
+    experts: str | None = typer.Option(None, help="Comma-separated experts (default: all in the store, or the dataset's default committee)."),
+    drop_experts: str | None = typer.Option(None, help="Experts to leave out, by name or family (general, domain, rag): the ablation."),
+    expert_option: list[str] | None = typer.Option(None, help=EXPERT_OPTION_HELP),
+    teacher: str | None = typer.Option(None, help="Teacher whose embeddings drive distillation (training only)."),
+    distill: bool | None = typer.Option(None, "--distill/--no-distill", help="Teacher-student distillation (default: on when --teacher is given)."),
+    task: str | None = typer.Option(None, help="Task name (default: the dataset's first, mortality for physionet2012)."),
+    seeds: int | None = typer.Option(None, help="Number of seeds: trains seeds 0..N-1 and reports mean ± std."),
+    epochs: int | None = typer.Option(None, help="Maximum epochs (default 200)."),
+    patience: int | None = typer.Option(None, help="Early-stopping patience on validation loss (default 20)."),
+    lr: float | None = typer.Option(None, help="Base learning rate (router: 0.3 x)."),
+    batch_size: int | None = typer.Option(None, help="Minibatch size (default 256)."),
+    d: int | None = typer.Option(None, help="Shared representation width d (default 128)."),
+    dropout: float | None = typer.Option(None, help="Dropout of the expert projections."),
+    modality_dropout: float | None = typer.Option(None, help="Training-time modality dropout on masks."),
+    expert_dropout: float | None = typer.Option(None, help="Training-time expert dropout on masks."),
+    weight_decay: float | None = typer.Option(None, help="AdamW weight decay."),
+    keep_modalities: str | None = typer.Option(None, help="Use only these modalities (comma-separated)."),
+    fuser_options: str | None = typer.Option(None, help='Fuser options as JSON, e.g. \'{"weighting": "inverse"}\'.'),
+    threshold: str | None = typer.Option(None, help="Decision threshold: a number (default 0.5) or 'val' (maximise macro-F1 on validation)."),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda."),
+    threads: int | None = typer.Option(None, help="CPU threads for training (default 1: the fusion networks are small)."),
+    out: str | None = typer.Option(None, help="Results folder (default runs/<timestamp>-<fuser>)."),
+    external_test: str | None = typer.Option(None, help="Second cohort (store, or raw source of the same dataset) to evaluate the trained models on."),
+    bootstrap: int | None = typer.Option(None, help="Bootstrap resamples for 95% CIs of the test metrics (0 = off)."),
+    config: Path | None = typer.Option(None, help="JSON or YAML config file; flags override it."),
     show_config: bool = typer.Option(False, "--show-config", help="Print the resolved configuration and exit."),
 ) -> None:
     """Train and evaluate a fuser on a store (extracted on first use) and write a results folder.
@@ -157,15 +156,15 @@ def extract(
     dataset: str = typer.Option("physionet2012", help="Dataset plugin."),
     experts: str = typer.Option("stats,grid", help="Comma-separated expert plugins."),
     out: Path = typer.Option(..., help="Store folder to write (resumes if it exists)."),
-    source: Optional[str] = typer.Option(None, help="Raw data path (default: the dataset's bundled data)."),
-    teacher: Optional[str] = typer.Option(None, help="Teacher plugin(s), comma-separated (training split only)."),
+    source: str | None = typer.Option(None, help="Raw data path (default: the dataset's bundled data)."),
+    teacher: str | None = typer.Option(None, help="Teacher plugin(s), comma-separated (training split only)."),
     device: str = typer.Option("cpu", help="cpu | cuda."),
     shard_size: int = typer.Option(1024, help="Rows per shard (the unit of resumption)."),
-    fit_from: Optional[Path] = typer.Option(None, help="Reuse the fitted expert state of this store or run folder (encode an external cohort with training statistics)."),
-    expert_option: Optional[list[str]] = typer.Option(None, help=EXPERT_OPTION_HELP),
+    fit_from: Path | None = typer.Option(None, help="Reuse the fitted expert state of this store or run folder (encode an external cohort with training statistics)."),
+    expert_option: list[str] | None = typer.Option(None, help=EXPERT_OPTION_HELP),
     teacher_rows: str = typer.Option("train", help="Rows a teacher encodes: train (default; teachers are training-only) or all."),
-    split_seed: Optional[int] = typer.Option(None, help="Seed of the dataset's stratified train/val/test split."),
-    all_rows_split: Optional[str] = typer.Option(None, help="Put every row in this split (train, val or test), e.g. test for a cohort only predicted on."),
+    split_seed: int | None = typer.Option(None, help="Seed of the dataset's stratified train/val/test split."),
+    all_rows_split: str | None = typer.Option(None, help="Put every row in this split (train, val or test), e.g. test for a cohort only predicted on."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store in --out that was made from other data."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar per expert."),
 ) -> None:
@@ -224,7 +223,7 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -
 def predict(
     run_dir: Path = typer.Argument(..., help="A results folder written by `medmix run`."),
     source: str = typer.Option(..., help="New patients: a store, or raw data for the run's dataset."),
-    out: Optional[Path] = typer.Option(None, help="CSV to write (default RUN_DIR/predict.csv)."),
+    out: Path | None = typer.Option(None, help="CSV to write (default RUN_DIR/predict.csv)."),
 ) -> None:
     """Apply a trained run's deployed (teacher-free) models to new patients."""
     try:
@@ -242,22 +241,22 @@ def sweep(
     rates: str = typer.Option("0.1,0.3,0.5,0.7,1.0", help="Comma-separated rates (p or r)."),
     fuser: str = typer.Option("medmix", help="Comma-separated fusers to compare."),
     out: Path = typer.Option(..., help="Sweep folder (tables, plots, one run folder per fuser/rate)."),
-    modality: Optional[str] = typer.Option(None, help="Modality for *-one/mar/mnar (default: each in turn)."),
+    modality: str | None = typer.Option(None, help="Modality for *-one/mar/mnar (default: each in turn)."),
     strength: float = typer.Option(0.0, help="mar/mnar dependence strength (logit units)."),
-    covariate: Optional[str] = typer.Option(None, help="mar covariate (default n_available: modalities observed per sample)."),
+    covariate: str | None = typer.Option(None, help="mar covariate (default n_available: modalities observed per sample)."),
     keep_last: bool = typer.Option(True, "--keep-last/--no-keep-last", help="Never drop a sample's last available modality."),
-    seeds: Optional[int] = typer.Option(None, help="Seeds per fuser (default 1)."),
-    epochs: Optional[int] = typer.Option(None, help="Maximum epochs per training."),
-    patience: Optional[int] = typer.Option(None, help="Early-stopping patience."),
-    dataset: Optional[str] = typer.Option(None, help="Dataset plugin."),
-    source: Optional[str] = typer.Option(None, help="Raw data path."),
-    store: Optional[str] = typer.Option(None, help="Embedding store folder."),
-    experts: Optional[str] = typer.Option(None, help="Comma-separated experts."),
-    teacher: Optional[str] = typer.Option(None, help="Teacher for distillation."),
-    task: Optional[str] = typer.Option(None, help="Task name."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
-    external_test: Optional[str] = typer.Option(None, help="External cohort store, evaluated under the same test-time protocol."),
-    config: Optional[Path] = typer.Option(None, help="JSON or YAML config file; flags override it."),
+    seeds: int | None = typer.Option(None, help="Seeds per fuser (default 1)."),
+    epochs: int | None = typer.Option(None, help="Maximum epochs per training."),
+    patience: int | None = typer.Option(None, help="Early-stopping patience."),
+    dataset: str | None = typer.Option(None, help="Dataset plugin."),
+    source: str | None = typer.Option(None, help="Raw data path."),
+    store: str | None = typer.Option(None, help="Embedding store folder."),
+    experts: str | None = typer.Option(None, help="Comma-separated experts."),
+    teacher: str | None = typer.Option(None, help="Teacher for distillation."),
+    task: str | None = typer.Option(None, help="Task name."),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda."),
+    external_test: str | None = typer.Option(None, help="External cohort store, evaluated under the same test-time protocol."),
+    config: Path | None = typer.Option(None, help="JSON or YAML config file; flags override it."),
 ) -> None:
     """Missing-modality robustness: a protocol over rates, per fuser, mean ± std over seeds."""
     try:
@@ -307,21 +306,21 @@ def new_plugin_cmd(
 @app.command()
 def profile(
     fuser: str = typer.Option("medmix", help="Fuser(s) to profile, comma-separated."),
-    experts: Optional[str] = typer.Option(None, help="Comma-separated experts (default: all in the store)."),
-    store: Optional[str] = typer.Option(None, help="Embedding store folder."),
-    dataset: Optional[str] = typer.Option(None, help="Dataset plugin (default physionet2012, bundled)."),
-    source: Optional[str] = typer.Option(None, help="Raw data path for the dataset."),
-    teacher: Optional[str] = typer.Option(None, help="Teacher (default: the store's first, if any)."),
-    distill: Optional[bool] = typer.Option(None, "--distill/--no-distill", help="Profile the training step with distillation."),
+    experts: str | None = typer.Option(None, help="Comma-separated experts (default: all in the store)."),
+    store: str | None = typer.Option(None, help="Embedding store folder."),
+    dataset: str | None = typer.Option(None, help="Dataset plugin (default physionet2012, bundled)."),
+    source: str | None = typer.Option(None, help="Raw data path for the dataset."),
+    teacher: str | None = typer.Option(None, help="Teacher (default: the store's first, if any)."),
+    distill: bool | None = typer.Option(None, "--distill/--no-distill", help="Profile the training step with distillation."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     batch_size: int = typer.Option(256, help="Rows per batch."),
     repeats: int = typer.Option(20, help="Timed batches (median and p90 reported)."),
     warmup: int = typer.Option(5, help="Untimed batches first."),
     include_experts: bool = typer.Option(False, "--include-experts", help="Count the upstream expert encoders that stay deployed (weight-free ones count 0)."),
-    runs: Optional[list[Path]] = typer.Option(None, help="Results folders of `medmix run` (repeatable): builds the efficiency table (Perf, Cost, EffScore) and its Pareto plot."),
+    runs: list[Path] | None = typer.Option(None, help="Results folders of `medmix run` (repeatable): builds the efficiency table (Perf, Cost, EffScore) and its Pareto plot."),
     reference: str = typer.Option("medmix", help="Reference method of the efficiency table."),
-    d: Optional[int] = typer.Option(None, help="Shared width d."),
-    fuser_options: Optional[str] = typer.Option(None, help="Fuser options as JSON (for a single fuser)."),
+    d: int | None = typer.Option(None, help="Shared width d."),
+    fuser_options: str | None = typer.Option(None, help="Fuser options as JSON (for a single fuser)."),
     threads: int = typer.Option(1, help="CPU threads."),
     out: Path = typer.Option(Path("profile"), help="Folder for profile.json/.md (and efficiency.*)."),
 ) -> None:

@@ -10,7 +10,8 @@ path or an installed package, and their absence raises
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -73,7 +74,7 @@ class ExpertEncoder(ABC):
         """Parameters of the upstream model (0 for weight-free experts)."""
         return 0
 
-    def to(self, device: str) -> "ExpertEncoder":
+    def to(self, device: str) -> ExpertEncoder:
         return self
 
 

@@ -174,12 +174,13 @@ def _resolve(names: Sequence[str], role: str) -> list[tuple[str, type]]:
             except UnknownPluginError:
                 try:
                     cls = get_expert(name)  # any expert can serve as a teacher
-                except UnknownPluginError:
+                except UnknownPluginError as exc:
                     raise UnknownPluginError(
                         f"Unknown teacher {name!r}: it is neither a registered teacher "
                         f"({', '.join(registry().names('teachers')) or 'none'}) nor an expert "
                         f"({', '.join(registry().names('experts')) or 'none'}). Install the "
-                        f"plugin that provides it (`medmix plugins` lists the known names).")
+                        f"plugin that provides it (`medmix plugins` lists the known names)."
+                    ) from exc
         out.append((name, cls))
     return out
 

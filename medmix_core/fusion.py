@@ -10,8 +10,8 @@ that way (concatenation, M3Care, AdaCoMed) subclass :class:`Fuser` directly.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -156,7 +156,9 @@ class ExpertProjector(nn.Module):
             self.adapter = nn.Sequential(nn.Linear(d_k, r), nn.GELU(), nn.Linear(r, d_k))
             nn.init.zeros_(self.adapter[2].weight)  # starts as the identity map
             nn.init.zeros_(self.adapter[2].bias)
-        self.proj = nn.Sequential(nn.Linear(d_k, d), nn.LayerNorm(d), nn.GELU(), nn.Dropout(dropout))
+        self.proj = nn.Sequential(
+            nn.Linear(d_k, d), nn.LayerNorm(d), nn.GELU(), nn.Dropout(dropout)
+        )
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:  # [B, d_k] -> [B, d]
         if self.adapter is not None:

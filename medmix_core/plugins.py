@@ -16,8 +16,9 @@ import difflib
 import importlib.metadata as md
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pluggy
 
@@ -30,7 +31,7 @@ _SINGULAR = {"experts": "expert", "teachers": "teacher", "fusers": "fuser",
 
 _pm: pluggy.PluginManager | None = None
 _load_errors: dict[str, str] = {}
-_registry_cache: tuple[tuple, "Registry"] | None = None
+_registry_cache: tuple[tuple, Registry] | None = None
 
 
 @dataclass
@@ -169,10 +170,14 @@ def plugin_info() -> list[dict]:
             continue
         dist = dists.get(id(plugin))
         hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
-        registers = {k: [e.name for e in reg.entries[k].values() if e.plugin == name] for k in KINDS}
+        registers = {
+            k: [e.name for e in reg.entries[k].values() if e.plugin == name] for k in KINDS
+        }
         out.append({
             "name": name,
-            "distribution": f"{dist.project_name} {dist.version}" if dist else "(registered in code)",
+            "distribution": (
+                f"{dist.project_name} {dist.version}" if dist else "(registered in code)"
+            ),
             "module": getattr(plugin, "__name__", type(plugin).__name__),
             "hooks": hooks,
             "registers": {k: v for k, v in registers.items() if v},

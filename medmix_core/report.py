@@ -15,7 +15,11 @@ LABELS = {"auroc": "AUROC", "auprc": "AUPRC", "macro_f1": "macro-F1", "accuracy"
 
 
 def _fmt(ms: dict[str, Any] | None) -> str:
-    if not ms or ms.get("mean") is None or (isinstance(ms["mean"], float) and math.isnan(ms["mean"])):
+    if (
+        not ms
+        or ms.get("mean") is None
+        or (isinstance(ms["mean"], float) and math.isnan(ms["mean"]))
+    ):
         return "undefined"
     return f"{ms['mean']:.3f} ± {ms['std']:.3f}"
 

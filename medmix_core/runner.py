@@ -341,7 +341,7 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
         if ext_tensors is not None:
             rows = torch.arange(ext_tensors.n)
             ep = predict_rows(res.model, ext_tensors, rows, torch.device("cpu"))
-            ext_per_seed.append(compute_metrics(ep["probs"], ext_tensors.labels, 
+            ext_per_seed.append(compute_metrics(ep["probs"], ext_tensors.labels,
                                                 ext_tensors.task_type, res.threshold))
             ext_probs.append(ep["probs"])
 
@@ -366,7 +366,8 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     if ext_per_seed:
         metrics["external"] = aggregate(ext_per_seed)
         metrics["external_per_seed"] = ext_per_seed
-    atomic_write_text(out / "metrics.json", json.dumps(clean_json(metrics), indent=1, default=_json_nan))
+    payload = json.dumps(clean_json(metrics), indent=1, default=_json_nan)
+    atomic_write_text(out / "metrics.json", payload)
     _write_predictions(out / "predictions.csv", store, tensors, test_rows, probs, weights,
                        cfg.seeds, spec)
     if ext_probs:

@@ -19,9 +19,10 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -128,7 +129,7 @@ class EmbeddingStore:
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, path: str | os.PathLike, verify: bool = False) -> "EmbeddingStore":
+    def open(cls, path: str | os.PathLike, verify: bool = False) -> EmbeddingStore:
         """Open and validate a store.
 
         Args:

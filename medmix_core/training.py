@@ -12,8 +12,9 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -155,7 +156,7 @@ def _param_groups(model: Fuser, heads: nn.Module | None, cfg: RunConfig) -> list
     params = list(model.named_parameters())
     if heads is not None:
         params += [(f"teacher_heads.{n}", p) for n, p in heads.named_parameters()]
-    for name, p in params:
+    for _name, p in params:
         if not p.requires_grad:
             continue
         if id(p) in router_ids:

@@ -103,7 +103,8 @@ def _reference_pixels(paths, shortest, crop, mean, std, resample=Image.BICUBIC):
         im = im.resize((nw, nh), resample=resample)
         top, left = round((nh - crop) / 2.0), round((nw - crop) / 2.0)
         arr = np.asarray(im.crop((left, top, left + crop, top + crop)), dtype=np.float32) / 255
-        out.append(((arr - np.array(mean, np.float32)) / np.array(std, np.float32)).transpose(2, 0, 1))
+        norm = (arr - np.array(mean, np.float32)) / np.array(std, np.float32)
+        out.append(norm.transpose(2, 0, 1))
     return torch.from_numpy(np.stack(out))
 
 
@@ -333,7 +334,8 @@ def test_qwen2_tokenizer_without_pad_token_pads_with_eos(tmp_path, monkeypatch):
     tiny.make_qwen2(folder, with_pad=False)
     ex = Qwen2Expert(model_path=str(folder))
     out = ex.encode(TXT, [TextData(tiny.CLINICAL_TEXTS[0]), TextData("No acute distress.")])
-    np.testing.assert_allclose(out[1], ex.encode(TXT, [TextData("No acute distress.")])[0], atol=1e-5)
+    alone = ex.encode(TXT, [TextData("No acute distress.")])[0]
+    np.testing.assert_allclose(out[1], alone, atol=1e-5)
 
 
 def test_medcpt_tiny_same_architecture_loads_and_pools(models):
@@ -410,7 +412,10 @@ def test_chronos_tiny_same_architecture_loads_and_pools(models):
                 bins[b] = v[sel].mean()
         ids, mask = _chronos_tokens(bins)
         with torch.no_grad():
-            h = enc(input_ids=torch.from_numpy(ids[None]), attention_mask=torch.from_numpy(mask[None]).long())
+            h = enc(
+                input_ids=torch.from_numpy(ids[None]),
+                attention_mask=torch.from_numpy(mask[None]).long(),
+            )
         h = h.last_hidden_state[0].numpy()
         embs.append(h[mask].mean(0))
     np.testing.assert_allclose(out[0], np.mean(embs, axis=0), atol=1e-5)
@@ -450,7 +455,8 @@ def test_chronos_rejects_non_chronos_t5(tmp_path):
 # -- weight resolution ---------------------------------------------------------------------
 
 ALL = [
-    (BiomedCLIPExpert, {}, "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", "biomedclip"),
+    (BiomedCLIPExpert, {}, "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+     "biomedclip"),
     (Dinov2Expert, {}, "facebook/dinov2-base", "dinov2"),
     (Dinov3Teacher, {}, "facebook/dinov3-vitb16-pretrain-lvd1689m", "dinov3"),
     (GatorTronExpert, {}, "UFNLP/gatortron-base", "gatortron"),

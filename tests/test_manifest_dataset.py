@@ -76,12 +76,16 @@ def make_cohort(folder: Path, spec: dict | None = None) -> Path:
     notes = tiny.CLINICAL_TEXTS
     rows = [
         # id, frontal, lateral, ct, note, age, creat, lactate, vitals, died, dx, split
-        ["p1", n[0], n[1], "ct_p1.npy", notes[0], "71", "1.4", "2.2", "ts/stay0.csv", "1", "a", "train"],
+        ["p1", n[0], n[1], "ct_p1.npy", notes[0], "71", "1.4", "2.2", "ts/stay0.csv",
+         "1", "a", "train"],
         ["p2", n[2], "", "", notes[1], "54", "", "NA", "ts/stay1.csv", "0", "b", "train"],
-        ["p3", "img/absent.jpeg", n[0], "ct_gone.npy", "", "", "", "", "ts/stay2.csv", "0", "c", "val"],
-        ["p4", "img/also_absent.jpeg", "", "", notes[3], "80", "2.1", "3.4", "ts/gone.csv", "", "a", "test"],
+        ["p3", "img/absent.jpeg", n[0], "ct_gone.npy", "", "", "", "", "ts/stay2.csv",
+         "0", "c", "val"],
+        ["p4", "img/also_absent.jpeg", "", "", notes[3], "80", "2.1", "3.4", "ts/gone.csv",
+         "", "a", "test"],
         ["p5", "", "", "", notes[2], "66", "0.9", "1.1", "", "1", "", "train"],
-        ["p6", n[1], "", "ct_p1.npy", notes[0], "45", "1.0", "1.0", "ts/stay0.csv", "0", "b", "test"],
+        ["p6", n[1], "", "ct_p1.npy", notes[0], "45", "1.0", "1.0", "ts/stay0.csv",
+         "0", "b", "test"],
     ]
     _write_csv(folder / "cohort.csv", HEADER, rows)
     spec_path = folder / "cohort.yaml"

@@ -13,9 +13,10 @@ from medmix_core import Batch, FusionSpec, StoreTensors, distill_weight
 from medmix_core.config import make_config
 from medmix_core.fusion import MASK_SCORE, adapter_bottleneck, masked_softmax
 from medmix_core.plugins import get_fuser, get_loss
-from medmix_core.training import _param_groups, build_fuser, make_spec, predict_rows, train_seed
+from medmix_core.training import _param_groups, make_spec, predict_rows, train_seed
 
-SPEC = FusionSpec(modalities=["a", "b", "c"], experts={"a": ["x", "y"], "b": ["x"], "c": ["x", "y", "z"]},
+SPEC = FusionSpec(modalities=["a", "b", "c"],
+                  experts={"a": ["x", "y"], "b": ["x"], "c": ["x", "y", "z"]},
                   dims={"a": [5, 7], "b": [3], "c": [4, 6, 8]}, n_outputs=2, task_type="multilabel")
 
 
@@ -189,7 +190,7 @@ def test_early_stopping_restores_the_best_validation_epoch(synth_store):
     assert res.best_epoch == min(range(len(losses)), key=losses.__getitem__)
     assert res.epochs_run == res.best_epoch + 1 + 4 or res.epochs_run == 60
     # the returned model is the best epoch's: its validation loss equals the recorded best
-    from medmix_core.training import evaluate_loss, _pos_weight
+    from medmix_core.training import _pos_weight, evaluate_loss
     cfg = make_config()
     rows = torch.as_tensor(synth_store.splits["val"])
     pw = _pos_weight(t, torch.as_tensor(synth_store.splits["train"]), cfg)

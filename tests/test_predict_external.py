@@ -6,10 +6,10 @@ import csv
 import json
 
 import pytest
+from medmix_datasets.physionet2012 import PhysioNet2012, write_subset
 from typer.testing import CliRunner
 
 from medmix_core.cli import app
-from medmix_datasets.physionet2012 import PhysioNet2012, write_subset
 
 runner = CliRunner()
 

@@ -5,15 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
+from conftest import registered
 
 from medmix_core import hookimpl
 from medmix_core.errors import DuplicatePluginError, UnknownPluginError
 from medmix_core.plugins import KINDS, get_fuser, plugin_info, registry
-
-from conftest import registered
 
 
 def test_builtin_plugins_register_their_names():

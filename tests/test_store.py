@@ -118,7 +118,8 @@ def test_shape_mismatch_between_manifest_and_shard(store):
 def test_mismatched_ids_and_labels(store):
     man = _manifest(store)
     man["sample_ids"] = man["sample_ids"][:-1]
-    man["splits"] = {k: [i for i in v if i < len(man["sample_ids"])] for k, v in man["splits"].items()}
+    n = len(man["sample_ids"])
+    man["splits"] = {k: [i for i in v if i < n] for k, v in man["splits"].items()}
     (store / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(StoreError, match="rows, expected"):
         EmbeddingStore.open(store)

@@ -264,8 +264,10 @@ def _read_table(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
         try:
             import pyarrow.parquet as pq
         except ImportError as exc:
-            raise DataError(f"Reading {path} needs the optional package pyarrow, which is not "
-                            f"installed: pip install pyarrow (or save the manifest as CSV).") from exc
+            raise DataError(
+                f"Reading {path} needs the optional package pyarrow, which is not "
+                f"installed: pip install pyarrow (or save the manifest as CSV)."
+            ) from exc
         table = pq.read_table(path)
         return list(table.column_names), table.to_pylist()
     if suffix not in (".csv", ".tsv", ".txt"):
@@ -375,7 +377,9 @@ class ManifestDataset(Dataset):
             json.dumps(self.spec.model_dump(), sort_keys=True).encode()).hexdigest()
         return {"name": self.name, "source": self.where, "spec_sha256": spec_hash,
                 "manifest": str(self.table_path),
-                "manifest_sha256": sha256_file(self.table_path) if self.table_path.is_file() else None,
+                "manifest_sha256": (
+                    sha256_file(self.table_path) if self.table_path.is_file() else None
+                ),
                 "options": {"split_seed": int(self.options.get("split_seed", 0))}}
 
     def report(self) -> dict[str, Any]:
@@ -599,8 +603,12 @@ class ManifestDataset(Dataset):
                 continue
             out.append(TimeSeriesData(
                 variables=list(variables),
-                times=[np.asarray(series.get(k, ([], []))[0], dtype=np.float64) for k in variables],
-                values=[np.asarray(series.get(k, ([], []))[1], dtype=np.float64) for k in variables],
+                times=[
+                    np.asarray(series.get(k, ([], []))[0], dtype=np.float64) for k in variables
+                ],
+                values=[
+                    np.asarray(series.get(k, ([], []))[1], dtype=np.float64) for k in variables
+                ],
                 horizon=horizon))
         return out, variables
 

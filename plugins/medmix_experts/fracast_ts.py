@@ -187,7 +187,7 @@ class FracastExpert(ExpertEncoder):
             if self._compiled is self.core:
                 raise
             warnings.warn(f"fracast: torch.compile failed ({type(exc).__name__}: {exc}); "
-                          f"encoding in eager mode.")
+                          f"encoding in eager mode.", stacklevel=2)
             self._compiled = self.core
             return self.core(values, mask, mask.float())
 

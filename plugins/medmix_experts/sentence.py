@@ -20,8 +20,9 @@ Options (both): ``style`` ("words" | "numeric"), ``detail`` ("brief" | "full"),
 ``quantize`` (bool: int8 dynamic quantisation of the Linear layers except the feed-forward
 output projections, per-channel weights; 1.4-1.7x faster on CPU; cosine to fp32 0.988 on
 average, 0.979 at worst over 800 PhysioNet texts, but since records' texts are close to
-each other, nearest-neighbour rankings change, so keep fp32 for retrieval), ``batch_size`` (texts per forward pass, default 64), ``max_length`` (tokens,
-default 256 as in sentence-transformers), ``model_dir`` (a local checkpoint folder that
+each other, nearest-neighbour rankings change, so keep fp32 for retrieval), ``batch_size``
+(texts per forward pass, default 64), ``max_length`` (tokens, default 256 as in
+sentence-transformers), ``model_dir`` (a local checkpoint folder that
 replaces the packaged one).
 
 ``fit`` computes cohort ranges (10th/90th percentiles over training stays) for variables

@@ -2,17 +2,17 @@
 
 Experts (``register_experts``):
 
-=============  ========  ==================  =================================================
-name           family    kinds               weights (Hugging Face id)
-=============  ========  ==================  =================================================
-biomedclip     domain    image, volume       microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224
-dinov2         general   image, volume       facebook/dinov2-base
-gatortron      domain    text                UFNLP/gatortron-base
-qwen2          general   text                Qwen/Qwen2-0.5B
-medcpt         domain    text                ncbi/MedCPT-Query-Encoder (encoder="article":
-                                             ncbi/MedCPT-Article-Encoder)
-chronos        general   timeseries          amazon/chronos-t5-small
-=============  ========  ==================  =================================================
+=============  ========  ================  =================================================
+name           family    kinds             weights (Hugging Face id)
+=============  ========  ================  =================================================
+biomedclip     domain    image, volume     microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224
+dinov2         general   image, volume     facebook/dinov2-base
+gatortron      domain    text              UFNLP/gatortron-base
+qwen2          general   text              Qwen/Qwen2-0.5B
+medcpt         domain    text              ncbi/MedCPT-Query-Encoder (encoder="article":
+                                           ncbi/MedCPT-Article-Encoder)
+chronos        general   timeseries        amazon/chronos-t5-small
+=============  ========  ================  =================================================
 
 Teachers (``register_teachers``): ``dinov3`` (facebook/dinov3-vitb16-pretrain-lvd1689m).
 

@@ -182,24 +182,31 @@ class ChronosExpert(FoundationExpert):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        self.tok_cfg = ChronosTokenizerConfig.from_config(self.config(), str(self.weights.config_file))
+        self.tok_cfg = ChronosTokenizerConfig.from_config(
+            self.config(), str(self.weights.config_file)
+        )
         if self.opts["context_length"] is not None:
             cl = self.opts["context_length"]
             if not isinstance(cl, int) or isinstance(cl, bool) or cl < 1:
-                raise ExpertOptionError(f"Option context_length={cl!r} of 'chronos' must be a positive integer.")
+                raise ExpertOptionError(
+                    f"Option context_length={cl!r} of 'chronos' must be a positive integer."
+                )
             self.tok_cfg = ChronosTokenizerConfig(**{**self.tok_cfg.__dict__, "context_length": cl})
         self._pipeline: Any = None
 
     def _validate_options(self) -> None:
         rh = self.opts["resample_hours"]
-        if rh is not None and (isinstance(rh, bool) or not isinstance(rh, (int, float)) or not rh > 0):
+        if rh is not None and (
+            isinstance(rh, bool) or not isinstance(rh, (int, float)) or not rh > 0
+        ):
             raise ExpertOptionError(
                 f"Option resample_hours={rh!r} of 'chronos' must be a positive number of hours "
                 f"or None (observation order)."
             )
         if self.opts["backend"] not in ("native", "chronos"):
             raise ExpertOptionError(
-                f"Option backend={self.opts['backend']!r} of 'chronos' must be 'native' or 'chronos'."
+                f"Option backend={self.opts['backend']!r} of 'chronos' must be 'native' or "
+                f"'chronos'."
             )
 
     def dim(self, modality: ModalitySpec) -> int:
@@ -288,7 +295,9 @@ class ChronosExpert(FoundationExpert):
         owners: list[int] = []
         for i, p in enumerate(payloads):
             where = f"{modality.name}[{i}]"
-            ss = series_of(p, self._variables(modality, p, where), self.opts["resample_hours"], where)
+            ss = series_of(
+                p, self._variables(modality, p, where), self.opts["resample_hours"], where
+            )
             if not ss:
                 raise DataError(
                     f"chronos: {where} has no observed value in any used variable; such a "

@@ -54,7 +54,9 @@ class ImageExpert(FoundationExpert):
     def _validate_options(self) -> None:
         n = self.opts["n_slices"]
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ExpertOptionError(f"Option n_slices={n!r} of {self.name!r} must be a positive integer.")
+            raise ExpertOptionError(
+                f"Option n_slices={n!r} of {self.name!r} must be a positive integer."
+            )
         hw = self.opts["hu_window"]
         try:
             lo, hi = (float(v) for v in hw)
@@ -67,7 +69,9 @@ class ImageExpert(FoundationExpert):
         self.opts["hu_window"] = (lo, hi)
         pooling = self.opts.get("pooling")
         if "pooling" in self.default_options and pooling not in ("cls", "mean"):
-            raise ExpertOptionError(f"Option pooling={pooling!r} of {self.name!r} must be 'cls' or 'mean'.")
+            raise ExpertOptionError(
+                f"Option pooling={pooling!r} of {self.name!r} must be 'cls' or 'mean'."
+            )
 
     def _check_model_type(self) -> None:
         if self.model_types:

@@ -96,7 +96,10 @@ class ImagePreprocess:
         if "do_center_crop" in cfg or "crop_size" in cfg:
             if cfg.get("do_center_crop", default.crop_hw is not None) and cfg.get("crop_size"):
                 c = cfg["crop_size"]
-                crop = (int(c), int(c)) if isinstance(c, int) else (int(c["height"]), int(c["width"]))
+                crop = (
+                    (int(c), int(c)) if isinstance(c, int)
+                    else (int(c["height"]), int(c["width"]))
+                )
             elif not cfg.get("do_center_crop", True):
                 crop = None
         resample = cfg.get("resample", default.resample)
@@ -146,7 +149,8 @@ class ImagePreprocess:
         if self.crop_hw is not None:
             ch, cw = self.crop_hw
             w, h = pil.size
-            if w < cw or h < ch:  # only after an exact resize below the crop: scale up, no black pad
+            # only after an exact resize below the crop: scale up, no black pad
+            if w < cw or h < ch:
                 scale = max(cw / w, ch / h)
                 pil = pil.resize((max(cw, round(w * scale)), max(ch, round(h * scale))),
                                  resample=self.resample)
@@ -308,7 +312,10 @@ def _open_volume(vol: Any, where: str):
             f"Volume {where} has shape {tuple(arr.shape)}; expected [D, H, W] (axial slices "
             f"first)."
         )
-    if not (np.issubdtype(arr.dtype, np.number) and not np.issubdtype(arr.dtype, np.complexfloating)):
+    if not (
+        np.issubdtype(arr.dtype, np.number)
+        and not np.issubdtype(arr.dtype, np.complexfloating)
+    ):
         raise DataError(f"Volume {where} has dtype {arr.dtype}; expected numbers (HU).")
     return tuple(arr.shape), (lambda i: np.asarray(arr[int(i)], dtype=np.float32))
 

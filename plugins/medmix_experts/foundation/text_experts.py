@@ -61,7 +61,9 @@ class TextExpert(FoundationExpert):
     def _validate_options(self) -> None:
         ml = self.opts["max_length"]
         if not isinstance(ml, int) or isinstance(ml, bool) or ml < 2:
-            raise ExpertOptionError(f"Option max_length={ml!r} of {self.name!r} must be an integer >= 2.")
+            raise ExpertOptionError(
+                f"Option max_length={ml!r} of {self.name!r} must be an integer >= 2."
+            )
         if self.opts["pooling"] not in self.poolings:
             raise ExpertOptionError(
                 f"Option pooling={self.opts['pooling']!r} of {self.name!r} must be one of "
@@ -133,7 +135,9 @@ class TextExpert(FoundationExpert):
             ids = enc["input_ids"].to(self._device)  # [b, T]
             mask = enc["attention_mask"].to(self._device)  # [b, T]
             if (mask.sum(dim=1) == 0).any():
-                raise DataError(f"{self.name}: a text tokenised to zero tokens; it cannot be embedded.")
+                raise DataError(
+                    f"{self.name}: a text tokenised to zero tokens; it cannot be embedded."
+                )
             with torch.no_grad():
                 h = self._run(ids, mask).float()  # [b, T, d]
                 if self.opts["pooling"] == "cls":
@@ -193,7 +197,9 @@ class MedCPTExpert(TextExpert):
     def _validate_options(self) -> None:
         enc = self.opts["encoder"]
         if enc not in _MEDCPT_REPOS:
-            raise ExpertOptionError(f"Option encoder={enc!r} of 'medcpt' must be 'query' or 'article'.")
+            raise ExpertOptionError(
+                f"Option encoder={enc!r} of 'medcpt' must be 'query' or 'article'."
+            )
         if self.opts["max_length"] is None:  # MedCPT's own limits
             self.opts["max_length"] = 64 if enc == "query" else 512
         super()._validate_options()

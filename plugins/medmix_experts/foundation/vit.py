@@ -155,7 +155,10 @@ def _heads_from_config(vision_cfg: dict[str, Any], width: int) -> int:
     kwargs = vision_cfg.get("timm_model_kwargs") or {}
     if "num_heads" in kwargs:
         return int(kwargs["num_heads"])
-    m = re.match(r"(?:vit|deit)_(tiny|small|base|large|huge|giant)_patch", str(vision_cfg.get("timm_model_name", "")))
+    m = re.match(
+        r"(?:vit|deit)_(tiny|small|base|large|huge|giant)_patch",
+        str(vision_cfg.get("timm_model_name", "")),
+    )
     if m:
         return _TIMM_HEADS[m.group(1)]
     return max(1, width // 64)
@@ -220,7 +223,9 @@ def build_from_open_clip(checkpoint: dict[str, torch.Tensor], model_cfg: dict[st
             f"{where}: head.proj maps to {embed_dim} dims but open_clip_config.json says "
             f"embed_dim={model_cfg['embed_dim']}; config and weights do not belong together."
         )
-    trunk = TimmViTTrunk(width, depth, _heads_from_config(vision_cfg, width), patch, grid, mlp_hidden)
+    trunk = TimmViTTrunk(
+        width, depth, _heads_from_config(vision_cfg, width), patch, grid, mlp_hidden
+    )
     model = OpenClipTimmVisual(trunk, embed_dim, proj_bias="head.proj.bias" in sd)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
