@@ -352,11 +352,21 @@ def profile(
             encs = [get_any_encoder(n)() for n in names]
             if tensors.teacher_name:
                 teacher_enc = get_any_encoder(tensors.teacher_name)()
+        # a run's own fuser options (e.g. the expert chosen on validation) are what we profile
+        run_opts: dict[str, dict] = {}
+        for r in runs or []:
+            mj = sorted(Path(r).glob("seed_*/model.json"))
+            if mj:
+                meta = json.loads(mj[0].read_text())
+                opts = {k: v for k, v in meta["fuser_options"].items() if k not in ("d", "dropout")}
+                run_opts[meta["fuser"]] = opts
         results = []
-        for f in _csv(fuser) or ["medmix"]:
+        names = _csv(fuser) or ["medmix"]
+        for f in names:
             typer.echo(f"profiling {f} ...")
-            results.append(profile_fuser(f, tensors, cfg.model_copy(update={"fuser": f}) if
-                                         len(_csv(fuser) or []) == 1 else cfg, device=device,
+            opts = run_opts.get(f, cfg.fuser_options if len(names) == 1 else {})
+            fcfg = cfg.model_copy(update={"fuser": f, "fuser_options": opts})
+            results.append(profile_fuser(f, tensors, fcfg, device=device,
                                          batch_size=batch_size, include_experts=encs,
                                          repeats=repeats, warmup=warmup,
                                          teacher_encoder=teacher_enc))
