@@ -295,6 +295,15 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
                               f" but store {store.path} has none. Extract one with --teacher.")
         cfg = cfg.model_copy(update={"teacher": have[0]})
     tensors = load_tensors(cfg, store, teacher_needed)
+    if fuser_cls_needs_teacher:
+        test = torch.as_tensor(store.splits["test"], dtype=torch.long)
+        if len(test) and not bool(tensors.teacher_mask[test].any()):
+            raise MedmixError(
+                f"Fuser {cfg.fuser!r} reads teacher embeddings at inference, but teacher "
+                f"{cfg.teacher!r} in store {store.path} covers no test row (teachers are "
+                f"extracted for the training split by default). Re-extract it for every row: "
+                f"`medmix extract ... --teacher {cfg.teacher} --teacher-rows all --out "
+                f"{store.path}`.")
     spec = make_spec(tensors, families(store, tensors))
     out = Path(cfg.out) if cfg.out else Path("runs") / (
         dt.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{cfg.fuser}")
