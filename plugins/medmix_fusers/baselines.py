@@ -140,10 +140,11 @@ class ProjectedFuser(Fuser):
 
 # ----------------------------------------------------------------------------- meanavg
 
-class MeanAvgFuser(ProjectedFuser):
-    """Mean over available experts per modality, mean over available modalities, MLP."""
+class PooledFuser(ProjectedFuser):
+    """Pool the available experts of each modality, then the available modalities, then an
+    MLP head; ``pool(x [B, N, d], mask [B, N]) -> (pooled [B, d], weights [B, N])``."""
 
-    name = "meanavg"
+    pool = staticmethod(masked_mean)
 
     def __init__(self, spec: FusionSpec, d: int = 128, dropout: float = 0.1,
                  adapter: bool = True) -> None:
@@ -154,15 +155,22 @@ class MeanAvgFuser(ProjectedFuser):
     def forward(self, batch: Batch) -> FusionOutput:
         reps, router = [], []
         for m, z in zip(self.spec.modalities, self.project(batch)):
-            zm, w = masked_mean(z, batch.expert_mask[m])  # [B, d], [B, K]
+            zm, w = self.pool(z, batch.expert_mask[m])  # [B, d], [B, K]
             reps.append(zm)
             router.append(w)
         reps_t = torch.stack(reps, dim=1)  # [B, M, d]
         mmask = batch.modality_mask
-        fused, mw = masked_mean(reps_t, mmask)  # [B, d], [B, M]
+        fused, mw = self.pool(reps_t, mmask)  # [B, d], [B, M]
         logits = with_prior(self.head(fused), ~mmask.any(dim=1), self.prior)
         return FusionOutput(logits=logits, reps=reps_t, rep_mask=mmask, modality_weights=mw,
                             router_weights=pad_weights(router, self.spec.max_experts))
+
+
+class MeanAvgFuser(PooledFuser):
+    """Mean over available experts per modality, mean over available modalities, MLP."""
+
+    name = "meanavg"
+    pool = staticmethod(masked_mean)
 
 
 def build_meanavg(spec: FusionSpec, d: int = 128, dropout: float = 0.1,
@@ -215,7 +223,7 @@ def build_concat(spec: FusionSpec, d: int = 128, dropout: float = 0.1,
 
 # ----------------------------------------------------------------------------- max
 
-class MaxFuser(ProjectedFuser):
+class MaxFuser(PooledFuser):
     """Element-wise max over available experts, then over available modalities, MLP.
 
     ``router_weights`` / ``modality_weights`` report the share of the d features that each
@@ -223,25 +231,7 @@ class MaxFuser(ProjectedFuser):
     """
 
     name = "max"
-
-    def __init__(self, spec: FusionSpec, d: int = 128, dropout: float = 0.1,
-                 adapter: bool = True) -> None:
-        super().__init__(spec, d, dropout, adapter)
-        self.rep_dim = self.d
-        self.head = MLPHead(self.d, self.d, spec.n_outputs, dropout)
-
-    def forward(self, batch: Batch) -> FusionOutput:
-        reps, router = [], []
-        for m, z in zip(self.spec.modalities, self.project(batch)):
-            zm, w = masked_max(z, batch.expert_mask[m])  # [B, d], [B, K]
-            reps.append(zm)
-            router.append(w)
-        reps_t = torch.stack(reps, dim=1)  # [B, M, d]
-        mmask = batch.modality_mask
-        fused, mw = masked_max(reps_t, mmask)  # [B, d], [B, M]
-        logits = with_prior(self.head(fused), ~mmask.any(dim=1), self.prior)
-        return FusionOutput(logits=logits, reps=reps_t, rep_mask=mmask, modality_weights=mw,
-                            router_weights=pad_weights(router, self.spec.max_experts))
+    pool = staticmethod(masked_max)
 
 
 def build_max(spec: FusionSpec, d: int = 128, dropout: float = 0.1,
