@@ -151,7 +151,11 @@ def _run_plots(run_dir: Path, lines: list[str]) -> None:
         plt.close(fig)
         lines += ["## Calibration", "",
                   f"Expected calibration error (10 equal-width bins, mean probability over "
-                  f"seeds): **{ece:.3f}**. Numbers beside points are bin counts.", "",
+                  f"seeds): **{ece:.3f}**. Numbers beside points are bin counts. A run "
+                  f"trained with `pos_weight` (the default for binary tasks) over-predicts "
+                  f"positives by design: weighting positives by n_neg/n_pos shifts the "
+                  f"logits by about log(n_neg/n_pos), which ranks (AUROC, AUPRC) ignore.",
+                  "",
                   "![reliability](reliability.png)", ""]
 
     cfg = json.loads((run_dir / "config.json").read_text())
