@@ -25,7 +25,13 @@ import numpy as np
 
 from medmix_core import ExpertEncoder, ModalitySpec, hookimpl
 from medmix_core.errors import DataError
-from medmix_experts.stats import _names_array, check_options, flatten_timeseries
+from medmix_experts.stats import (
+    _names_array,
+    check_options,
+    fitted_state,
+    flatten_timeseries,
+    restore_norm_state,
+)
 
 AUTO_BINS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 48)
 
@@ -109,28 +115,11 @@ class GridExpert(ExpertEncoder):
 
     def set_state(self, modality: ModalitySpec, state: dict[str, np.ndarray]) -> None:
         self._check_kind(modality)
-        missing = {"mean", "std", "variables"} - set(state)
-        if missing:
-            raise DataError(f"grid state for {modality.name!r} lacks {sorted(missing)}; it "
-                            f"was not written by this expert.")
-        names = np.asarray(state["variables"], dtype=np.uint8).tobytes().decode("utf-8")
-        if names.split("\n") != list(modality.variables):
-            raise DataError(f"grid state for {modality.name!r} was fitted on variables "
-                            f"{names.split(chr(10))}, but the modality has "
-                            f"{modality.variables}; re-fit on this modality.")
-        nv = len(modality.variables)
-        mean, std = np.asarray(state["mean"], np.float64), np.asarray(state["std"], np.float64)
-        if mean.shape != (nv,) or std.shape != (nv,):
-            raise DataError(f"grid state for {modality.name!r}: expected mean and std of shape "
-                            f"[{nv}], found {list(mean.shape)} and {list(std.shape)}.")
-        self._state[modality.name] = {"mean": mean.copy(), "std": std.copy(),
-                                      "variables": _names_array(modality.variables)}
+        self._state[modality.name] = restore_norm_state("grid", modality, state,
+                                                        len(modality.variables))
 
     def _fitted(self, modality: ModalitySpec) -> dict[str, np.ndarray]:
-        if modality.name not in self._state:
-            raise DataError(f"Expert 'grid' is not fitted for modality {modality.name!r}: call "
-                            f"fit() with training payloads or set_state() with a saved state.")
-        return self._state[modality.name]
+        return fitted_state("grid", self._state, modality)
 
     # ------------------------------------------------------------------ encoding
     def encode(self, modality: ModalitySpec, payloads: Sequence[Any]) -> np.ndarray:

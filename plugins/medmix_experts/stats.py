@@ -38,6 +38,39 @@ def _names_array(variables: Sequence[str]) -> np.ndarray:
     return np.frombuffer("\n".join(variables).encode("utf-8"), dtype=np.uint8).copy()
 
 
+def restore_norm_state(expert: str, modality: ModalitySpec, state: dict[str, np.ndarray],
+                       n_feat: int) -> dict[str, np.ndarray]:
+    """Validate a saved z-score state (mean, std, variables) of ``n_feat`` features.
+
+    Raises:
+        DataError: a state of another expert, other variables, or other shapes.
+    """
+    missing = {"mean", "std", "variables"} - set(state)
+    if missing:
+        raise DataError(f"{expert} state for {modality.name!r} lacks {sorted(missing)}; it "
+                        f"was not written by this expert.")
+    names = np.asarray(state["variables"], dtype=np.uint8).tobytes().decode("utf-8")
+    if names.split("\n") != list(modality.variables):
+        raise DataError(f"{expert} state for {modality.name!r} was fitted on variables "
+                        f"{names.split(chr(10))}, but the modality has "
+                        f"{modality.variables}; re-fit on this modality.")
+    mean, std = np.asarray(state["mean"], np.float64), np.asarray(state["std"], np.float64)
+    if mean.shape != (n_feat,) or std.shape != (n_feat,):
+        raise DataError(f"{expert} state for {modality.name!r}: expected mean and std of "
+                        f"shape [{n_feat}], found {list(mean.shape)} and {list(std.shape)}.")
+    return {"mean": mean.copy(), "std": std.copy(),
+            "variables": _names_array(modality.variables)}
+
+
+def fitted_state(expert: str, states: dict[str, dict[str, np.ndarray]],
+                 modality: ModalitySpec) -> dict[str, np.ndarray]:
+    """The fitted state of one modality, or a DataError saying how to get one."""
+    if modality.name not in states:
+        raise DataError(f"Expert {expert!r} is not fitted for modality {modality.name!r}: call "
+                        f"fit() with training payloads or set_state() with a saved state.")
+    return states[modality.name]
+
+
 def check_options(name: str, options: dict[str, Any], allowed: dict[str, Any]) -> None:
     """Raise DataError for unknown options or options of the wrong type.
 
@@ -242,27 +275,10 @@ class StatsExpert(ExpertEncoder):
         self._check_kind(modality)
         per = len(TS_FEATURES) if modality.kind == "timeseries" else 1
         n_feat = per * len(modality.variables)
-        missing = {"mean", "std", "variables"} - set(state)
-        if missing:
-            raise DataError(f"stats state for {modality.name!r} lacks {sorted(missing)}; it "
-                            f"was not written by this expert.")
-        names = np.asarray(state["variables"], dtype=np.uint8).tobytes().decode("utf-8")
-        if names.split("\n") != list(modality.variables):
-            raise DataError(f"stats state for {modality.name!r} was fitted on variables "
-                            f"{names.split(chr(10))}, but the modality has "
-                            f"{modality.variables}; re-fit on this modality.")
-        mean, std = np.asarray(state["mean"], np.float64), np.asarray(state["std"], np.float64)
-        if mean.shape != (n_feat,) or std.shape != (n_feat,):
-            raise DataError(f"stats state for {modality.name!r}: expected mean and std of "
-                            f"shape [{n_feat}], found {list(mean.shape)} and {list(std.shape)}.")
-        self._state[modality.name] = {"mean": mean.copy(), "std": std.copy(),
-                                      "variables": _names_array(modality.variables)}
+        self._state[modality.name] = restore_norm_state("stats", modality, state, n_feat)
 
     def _fitted(self, modality: ModalitySpec) -> dict[str, np.ndarray]:
-        if modality.name not in self._state:
-            raise DataError(f"Expert 'stats' is not fitted for modality {modality.name!r}: call "
-                            f"fit() with training payloads or set_state() with a saved state.")
-        return self._state[modality.name]
+        return fitted_state("stats", self._state, modality)
 
     def encode(self, modality: ModalitySpec, payloads: Sequence[Any]) -> np.ndarray:
         """[N, dim] float32: per variable the z-scored features then the observed flag."""
