@@ -18,6 +18,8 @@ class Dataset(ABC):
     """
 
     name: ClassVar[str] = ""
+    #: experts ``medmix run`` extracts when none are named (cheap ones, ideally)
+    default_experts: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, source: str | None = None, **options: Any) -> None:
         self.source = source

@@ -32,8 +32,6 @@ from medmix_core.metrics import METRICS, bootstrap_ci, compute_metrics, mean_std
 from medmix_core.store import EmbeddingStore, atomic_save_tensors, atomic_write_text
 from medmix_core.training import SeedResult, make_spec, predict_rows, train_seed
 
-DEFAULT_EXPERTS = {"physionet2012": ["stats", "grid"]}
-
 
 def default_store_path(cfg: RunConfig) -> Path:
     if cfg.store:
@@ -68,12 +66,12 @@ def ensure_store(cfg: RunConfig, log=print) -> EmbeddingStore:
         wanted = sorted(have | set(wanted or []))
     from medmix_core.plugins import get_any_encoder, get_dataset
 
-    get_dataset(cfg.dataset)
+    ds_cls = get_dataset(cfg.dataset)
     for name in list(wanted or []) + teachers:  # typos fail before anything is printed
         get_any_encoder(name)
     if wanted is None:
-        wanted = DEFAULT_EXPERTS.get(cfg.dataset)
-        if wanted is None:
+        wanted = list(getattr(ds_cls, "default_experts", ()))
+        if not wanted:
             raise MedmixError(f"No store at {path} and no --experts given for dataset "
                               f"{cfg.dataset!r}. Pass --experts a,b (see `medmix plugins`).")
     from medmix_core.extract import extract  # heavy imports only when extracting

@@ -406,6 +406,7 @@ class PhysioNet2012(Dataset):
     """
 
     name = "physionet2012"
+    default_experts = ("stats", "grid")
 
     def __init__(self, source: str | None = None, **options: Any) -> None:
         unknown = sorted(set(options) - {"split_seed"})

@@ -151,6 +151,7 @@ class SyntheticDataset(Dataset):
     """
 
     name = "synthetic"
+    default_experts = ("stats",)
 
     def _gen(self) -> dict[str, Any]:
         o = self.options
