@@ -122,3 +122,18 @@ def test_profile_command_writes_profile_and_efficiency_table(trained, synth_stor
     first = prof[0] if isinstance(prof, list) else prof
     assert first["fuser"] == "medmix"
     assert (out / "efficiency.md").is_file() and "EffScore" in (out / "efficiency.md").read_text()
+
+
+def test_teacher_reading_fuser_refuses_a_training_only_teacher(tmp_path):
+    """adacomed reads teacher embeddings at inference: a teacher extracted for the
+    training rows only must be refused with the command that fixes it."""
+    from medmix_core.extract import extract
+
+    store = tmp_path / "st"
+    extract("synthetic", store, ["stats"], ["stats"], progress=False,
+            dataset_options={"n": 120})
+    res = runner.invoke(app, ["run", "--dataset", "synthetic", "--store", str(store),
+                              "--experts", "stats", "--teacher", "stats", "--fuser", "adacomed",
+                              "--epochs", "1"])
+    assert res.exit_code == 2
+    assert "covers no test row" in res.output and "--teacher-rows all" in res.output
