@@ -88,14 +88,22 @@ class ManifestVolume(VolumeData):
 
 # -- the spec ----------------------------------------------------------------------------
 
-class ModalityConfig(BaseModel):
-    """One modality: its kind and the column(s) holding it."""
+class _Columns(BaseModel):
+    """A spec entry that reads one ``column`` or several ``columns`` of the table."""
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: str
     column: str | None = None
     columns: list[str] | None = None
+
+    def cols(self) -> list[str]:
+        return list(self.columns) if self.columns is not None else [str(self.column)]
+
+
+class ModalityConfig(_Columns):
+    """One modality: its kind and the column(s) holding it."""
+
+    kind: str
     n_slices: int | None = Field(None, ge=1)
     hu_window: tuple[float, float] | None = None
     from_file: bool = False
@@ -133,19 +141,13 @@ class ModalityConfig(BaseModel):
             raise ValueError("variables / horizon apply to kind 'timeseries' only")
         return self
 
-    def cols(self) -> list[str]:
-        return list(self.columns) if self.columns is not None else [str(self.column)]
 
 
-class TaskConfig(BaseModel):
+class TaskConfig(_Columns):
     """One task: binary/multiclass from a column, multilabel from 0/1 columns."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str
     type: str
-    column: str | None = None
-    columns: list[str] | None = None
     classes: list[str] | None = None
 
     @model_validator(mode="after")
@@ -167,8 +169,6 @@ class TaskConfig(BaseModel):
             raise ValueError(f"classes repeat: {self.classes}")
         return self
 
-    def cols(self) -> list[str]:
-        return list(self.columns) if self.columns is not None else [str(self.column)]
 
 
 class SplitConfig(BaseModel):
