@@ -20,6 +20,19 @@ class Dataset(ABC):
     name: ClassVar[str] = ""
     #: experts ``medmix run`` extracts when none are named (cheap ones, ideally)
     default_experts: ClassVar[tuple[str, ...]] = ()
+    #: per expert name, options used unless the caller sets them (e.g. which of the
+    #: dataset's series a costly expert should see); recorded in each expert's provenance
+    default_expert_options: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: the full committee, cheapest first: ``medmix run`` with no ``--experts`` takes the
+    #: longest prefix whose extraction fits its time budget (see :mod:`medmix_core.plan`)
+    committee: ClassVar[tuple[str, ...]] = ()
+    #: the teacher that completes the committee (training only)
+    committee_teacher: ClassVar[str | None] = None
+    #: measured extraction seconds of the bundled data per device kind ("cpu": on 2
+    #: cores, "cuda": one GPU) and encoder name; the planner's cost model
+    extract_seconds: ClassVar[dict[str, dict[str, float]]] = {}
+    #: measured seconds of one default training run per device kind, with the committee
+    train_seconds: ClassVar[dict[str, float]] = {}
 
     def __init__(self, source: str | None = None, **options: Any) -> None:
         self.source = source

@@ -74,6 +74,10 @@ class ExpertEncoder(ABC):
         """Parameters of the upstream model (0 for weight-free experts)."""
         return 0
 
+    def check_weights(self) -> None:
+        """Raise :class:`~medmix_core.errors.WeightsNotFoundError` when this machine lacks
+        the weights, cheaply (without loading the model). Default: nothing to check."""
+
     def to(self, device: str) -> ExpertEncoder:
         return self
 

@@ -284,6 +284,14 @@ def extract(
 
     ds = ds_cls(source=source, **(dataset_options or {}))
     mods = ds.modalities()
+    # base options: those the reused state was fitted with, else the dataset's defaults;
+    # the caller's options override them key by key
+    base = dict(getattr(ds_cls, "default_expert_options", {}) or {})
+    for (_, name), given in (fitted or {}).items():
+        if isinstance(given["provenance"].get("options"), dict):
+            base[name] = given["provenance"]["options"]
+    expert_options = {name: {**base.get(name, {}), **expert_options.get(name, {})}
+                      for _, name, _ in resolved}
     # build the encoders before reading the data, so absent weights fail at once
     encoders: list[tuple[str, str, ExpertEncoder, list[ModalitySpec]]] = []
     for role, name, cls in resolved:
@@ -523,6 +531,8 @@ def _extract_one(writer: StoreWriter, state: dict[str, Any], samples: list[Sampl
         fit_rows = np.flatnonzero(present & train)
         enc.fit(m, [payload[i] for i in fit_rows])
         entry["state_file"] = writer.write_state(m.name, state_name, enc.get_state(m))
+    # what fitting learned (e.g. a self-supervised encoder's training facts) is provenance
+    entry["provenance"] = _jsonable(enc.provenance())
     state["encoders"][label] = entry
     _save_state(writer.path, state)
     bars.advance(bar, len(kept) * shard_size)

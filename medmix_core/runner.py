@@ -85,6 +85,34 @@ def ensure_store(cfg: RunConfig, log=print) -> EmbeddingStore:
                    expert_options=opts or None)
 
 
+def default_committee(cfg: RunConfig, factory: Any, log=print) -> RunConfig:
+    """``cfg`` with the experts (and teacher) of the dataset's default committee for this
+    device (:func:`medmix_core.plan.plan_committee`); unchanged for a dataset without one."""
+    from medmix_core.plan import device_kind, plan_committee
+    from medmix_core.plugins import get_any_encoder, get_dataset
+
+    ds_cls = get_dataset(cfg.dataset)
+    if not getattr(ds_cls, "committee", ()):
+        return cfg
+    path = default_store_path(cfg)
+    have: set[str] = set()
+    have_t: set[str] = set()
+    if is_store(path):
+        store = EmbeddingStore.open(path)
+        have = {e.name for es in store.experts.values() for e in es}
+        have_t = {e.name for es in store.teachers.values() for e in es}
+    plan = plan_committee(ds_cls, have, have_t, device_kind(cfg.device), get_any_encoder)
+    # a teacher read at inference must cover every row: that extraction is asked for by name
+    teacher = cfg.teacher
+    if teacher is None and cfg.distill is not False and not getattr(
+            factory, "uses_teacher_at_inference", False):
+        teacher = plan.teacher
+    if teacher != plan.teacher:
+        plan.teacher = teacher
+    log(plan.describe())
+    return cfg.model_copy(update={"experts": plan.experts, "teacher": teacher})
+
+
 def _extract_device(device: str) -> str:
     import torch
 
@@ -281,6 +309,8 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     from medmix_core.plugins import get_fuser
 
     factory = get_fuser(cfg.fuser)  # unknown names fail before any extraction
+    if not cfg.experts and not cfg.store:
+        cfg = default_committee(cfg, factory, log)
     store = ensure_store(cfg, log)
     fuser_cls_needs_teacher = bool(getattr(factory, "uses_teacher_at_inference", False))
     if fuser_cls_needs_teacher and cfg.distill is None:

@@ -59,7 +59,14 @@ from medmix_core import ExpertEncoder, ModalitySpec, TimeSeriesData, hookimpl
 from medmix_core.errors import DataError, WeightsNotFoundError
 from medmix_core.types import Payload
 from medmix_experts import serialize as ser
-from medmix_experts.sentence import as_bool, check_options, package_version, weights_sha256
+from medmix_experts.sentence import (
+    as_bool,
+    autocast_for,
+    check_options,
+    package_version,
+    precision_entry,
+    weights_sha256,
+)
 
 PACKAGE = "fracast"
 CONTEXT = 2048
@@ -159,6 +166,9 @@ class FracastExpert(ExpertEncoder):
     def folder(self) -> Path:
         return fracast_dir(self.opts["model_dir"], self.opts["weights"])
 
+    def check_weights(self) -> None:
+        self.folder  # noqa: B018 (the property raises when the weights are absent)
+
     @property
     def core(self):
         return load_core(str(self.folder), self.opts["weights"], self._device)
@@ -202,7 +212,8 @@ class FracastExpert(ExpertEncoder):
                 "package": PACKAGE, "package_version": package_version(PACKAGE),
                 "weights": str(wfile), "weights_sha256": weights_sha256(wfile),
                 "context": CONTEXT, "step_hours": float(self.opts["step_hours"]),
-                "pool": self.opts["pool"], "compiled": self.opts["compile"]}
+                "pool": self.opts["pool"], "compiled": self.opts["compile"],
+                **precision_entry(self._device)}
 
     # ------------------------------------------------------------------ variables
     def accepts(self, modality: ModalitySpec) -> bool:
@@ -371,7 +382,7 @@ class FracastExpert(ExpertEncoder):
 
         out = np.zeros((len(grids), PER_VARIABLE), dtype=np.float32)  # [S, 128]
         bs = self.opts["series_batch"]
-        with torch.inference_mode(), warnings.catch_warnings():
+        with torch.inference_mode(), warnings.catch_warnings(), autocast_for(self._device):
             warnings.simplefilter("ignore")  # inductor notes about the periodogram's FFT
             for s in range(0, len(grids), bs):
                 chunk = grids[s:s + bs]

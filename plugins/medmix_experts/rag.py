@@ -128,6 +128,9 @@ class RAGExpert(ExpertEncoder):
     def n_parameters(self) -> int:
         return self.retriever.n_parameters()
 
+    def check_weights(self) -> None:
+        self.retriever.check_weights()
+
     def provenance(self) -> dict[str, Any]:
         folder = self.retriever.model_folder()
         return {"expert": self.name, "version": self.version, "family": self.family,

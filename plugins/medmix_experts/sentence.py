@@ -344,6 +344,30 @@ def mpnet_dir(model_dir: str | os.PathLike | None = None) -> Path:
     return fetch_mpnet_weights(target=target)
 
 
+# ---------------------------------------------------------------------------- precision
+def autocast_for(device: str):
+    """Half-precision autocast on CUDA (bf16 where supported, else fp16); fp32 elsewhere."""
+    import contextlib
+
+    import torch
+
+    if not str(device).startswith("cuda"):
+        return contextlib.nullcontext()
+    half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=half)
+
+
+def precision_entry(device: str) -> dict[str, str]:
+    """Provenance of :func:`autocast_for` on ``device``: empty for fp32 (so stores made on
+    CPU keep their cache keys), else ``{"precision": "bf16-autocast"}`` or fp16."""
+    if not str(device).startswith("cuda"):
+        return {}
+    import torch
+
+    return {"precision": "bf16-autocast" if torch.cuda.is_bf16_supported()
+            else "fp16-autocast"}
+
+
 # ---------------------------------------------------------------------------- text model
 def _quantize_int8(model):
     """int8 dynamic quantisation of the Linear layers except feed-forward output ones.
@@ -441,7 +465,7 @@ class TextModel:
             ids = self.tokenizer(uniq, truncation=True, max_length=self.max_length)["input_ids"]
             order = np.argsort([-len(x) for x in ids], kind="stable")
             embs = np.zeros((len(uniq), self.dim), dtype=np.float32)  # [U, dim]
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast_for(self.device):
                 for s in range(0, len(order), batch_size):
                     rows = order[s:s + batch_size]
                     enc = self.tokenizer([uniq[r] for r in rows], padding=True,
@@ -516,6 +540,9 @@ class SerialisingEncoder(ExpertEncoder):
     def model_folder(self) -> Path:
         raise NotImplementedError
 
+    def check_weights(self) -> None:
+        self.model_folder()
+
     @property
     def model(self) -> TextModel:
         if self._model is None:
@@ -548,6 +575,7 @@ class SerialisingEncoder(ExpertEncoder):
             "weights": str(weights), "weights_sha256": weights_sha256(weights),
             "serialiser_version": ser.SERIALISER_VERSION,
             "quantize": "int8-dynamic" if self.opts["quantize"] else "fp32",
+            **precision_entry(self._device),
             "pooling": "mean, L2-normalised",
         }
 
@@ -638,6 +666,14 @@ class MPNetTeacher(SerialisingEncoder, Teacher):
 
     def model_folder(self) -> Path:
         return mpnet_dir(self.opts["model_dir"])
+
+    def check_weights(self) -> None:
+        target = mpnet_cache_dir()
+        if self.opts["model_dir"] is not None or all(
+                (target / f).is_file() for f in _MODEL_FILES):
+            self.model_folder()
+        else:
+            mpnet_parts()  # the packed parts are enough; unpacking waits for first use
 
     def provenance(self) -> dict[str, Any]:
         prov = super().provenance()
