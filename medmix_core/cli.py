@@ -63,10 +63,36 @@ def build_config(config: Path | None, flags: dict[str, Any], sources: dict | Non
     for k, v in flags.items():
         if v is not None:
             values[k], origin[k] = v, "command line"
+    for k, v in _dataset_run_defaults(values).items():
+        if k not in values:
+            values[k], origin[k] = v, f"dataset {values.get('dataset') or 'physionet2012'}"
     cfg = make_config(**values)
     if sources is not None:
         sources.update({k: origin.get(k, "default") for k in type(cfg).model_fields})
     return cfg
+
+
+def _dataset_run_defaults(values: dict[str, Any]) -> dict[str, Any]:
+    """Training settings the run's dataset recommends (``Dataset.run_defaults``, chosen on
+    its validation split); they sit between the built-in defaults and the project file.
+    A ``--store`` of another dataset gets none."""
+    from medmix_core.config import RunConfig
+    from medmix_core.plugins import get_dataset
+
+    name = values.get("dataset") or RunConfig.model_fields["dataset"].default
+    store = values.get("store")
+    if store and (Path(store) / "manifest.json").is_file():
+        try:
+            made_by = json.loads((Path(store) / "manifest.json").read_text("utf-8"))
+            made_by = (made_by.get("dataset") or {}).get("name")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            made_by = None  # opening the store later reports the damage
+        if made_by != name:
+            return {}
+    try:
+        return dict(getattr(get_dataset(name), "run_defaults", {}) or {})
+    except MedmixError:
+        return {}  # an unknown dataset name is reported by the run itself
 
 
 @app.command()

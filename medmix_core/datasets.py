@@ -33,6 +33,9 @@ class Dataset(ABC):
     extract_seconds: ClassVar[dict[str, dict[str, float]]] = {}
     #: measured seconds of one default training run per device kind, with the committee
     train_seconds: ClassVar[dict[str, float]] = {}
+    #: RunConfig values the CLI uses for this dataset unless the project file, --config or
+    #: a flag sets them (e.g. regularisation chosen on this dataset's validation split)
+    run_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, source: str | None = None, **options: Any) -> None:
         self.source = source

@@ -257,7 +257,7 @@ def extract(
         experts = [e.strip() for e in experts.split(",") if e.strip()]
     if isinstance(teachers, str):
         teachers = [t.strip() for t in teachers.split(",") if t.strip()]
-    if not experts:
+    if not experts and not teachers:
         raise ExtractError("No experts given; name at least one (e.g. experts=['stats']).")
     if not isinstance(shard_size, int) or shard_size < 1:
         raise ExtractError(f"shard_size must be a positive integer, got {shard_size!r}.")

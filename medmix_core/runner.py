@@ -63,7 +63,10 @@ def ensure_store(cfg: RunConfig, log=print) -> EmbeddingStore:
             return store
         if cfg.store and not cfg.dataset:
             raise StoreError(f"Store {path} lacks {sorted(set(wanted or []) - have)}.")
-        wanted = sorted(have | set(wanted or []))
+        # only what is missing: entries already there stay as they are (extract keeps them
+        # in the manifest), even if this device or version would key them differently
+        wanted = sorted(set(wanted or []) - have)
+        teachers = [t for t in teachers if t not in have_t]
     from medmix_core.plugins import get_any_encoder, get_dataset
 
     ds_cls = get_dataset(cfg.dataset)
@@ -76,8 +79,8 @@ def ensure_store(cfg: RunConfig, log=print) -> EmbeddingStore:
                               f"{cfg.dataset!r}. Pass --experts a,b (see `medmix plugins`).")
     from medmix_core.extract import extract  # heavy imports only when extracting
 
-    log(f"Extracting {', '.join(wanted)}" + (f" + teacher {cfg.teacher}" if cfg.teacher else "")
-        + f" from {cfg.dataset} into {path} (cached for later runs)")
+    what = ", ".join(wanted + [f"teacher {t}" for t in teachers])
+    log(f"Extracting {what} from {cfg.dataset} into {path} (cached for later runs)")
     opts = {k: v for k, v in cfg.expert_options.items() if k in set(wanted) | set(teachers)}
     return extract(cfg.dataset, path, wanted, teachers, source=cfg.source,
                    device=_extract_device(cfg.device),
@@ -87,13 +90,23 @@ def ensure_store(cfg: RunConfig, log=print) -> EmbeddingStore:
 
 def default_committee(cfg: RunConfig, factory: Any, log=print) -> RunConfig:
     """``cfg`` with the experts (and teacher) of the dataset's default committee for this
-    device (:func:`medmix_core.plan.plan_committee`); unchanged for a dataset without one."""
+    device (:func:`medmix_core.plan.plan_committee`); unchanged for a dataset without one,
+    or for ``--source`` data and ``--dataset-options`` (the costs describe the bundled data).
+    """
     from medmix_core.plan import device_kind, plan_committee
     from medmix_core.plugins import get_any_encoder, get_dataset
 
     ds_cls = get_dataset(cfg.dataset)
-    if not getattr(ds_cls, "committee", ()):
+    if not getattr(ds_cls, "committee", ()) or cfg.source or cfg.dataset_options:
         return cfg
+    reads_teacher = bool(getattr(factory, "uses_teacher_at_inference", False))
+    if reads_teacher and not cfg.teacher:
+        # its teacher must cover every row, which is a deliberate extraction
+        raise MedmixError(f"Fuser {cfg.fuser!r} reads teacher embeddings at inference; name "
+                          f"the experts and the teacher extracted for every row, e.g. "
+                          f"`medmix extract --dataset {cfg.dataset} --experts stats --teacher "
+                          f"{ds_cls.committee_teacher or 'NAME'} --teacher-rows all --out S` "
+                          f"then `medmix run --store S --fuser {cfg.fuser}`.")
     path = default_store_path(cfg)
     have: set[str] = set()
     have_t: set[str] = set()
@@ -101,16 +114,14 @@ def default_committee(cfg: RunConfig, factory: Any, log=print) -> RunConfig:
         store = EmbeddingStore.open(path)
         have = {e.name for es in store.experts.values() for e in es}
         have_t = {e.name for es in store.teachers.values() for e in es}
-    plan = plan_committee(ds_cls, have, have_t, device_kind(cfg.device), get_any_encoder)
-    # a teacher read at inference must cover every row: that extraction is asked for by name
-    teacher = cfg.teacher
-    if teacher is None and cfg.distill is not False and not getattr(
-            factory, "uses_teacher_at_inference", False):
-        teacher = plan.teacher
-    if teacher != plan.teacher:
-        plan.teacher = teacher
+    teacher: str | bool | None = cfg.teacher or (cfg.distill is not False)
+    plan = plan_committee(ds_cls, have, have_t, device_kind(cfg.device), get_any_encoder,
+                          options=cfg.expert_options, teacher=teacher)
+    plan.distill = cfg.distill is not False
+    if cfg.dataset != RunConfig.model_fields["dataset"].default:
+        plan.flags = f"--dataset {cfg.dataset}"
     log(plan.describe())
-    return cfg.model_copy(update={"experts": plan.experts, "teacher": teacher})
+    return cfg.model_copy(update={"experts": plan.experts, "teacher": plan.teacher})
 
 
 def _extract_device(device: str) -> str:

@@ -23,7 +23,15 @@ from medmix_core.batch import StoreTensors
 from medmix_core.config import RunConfig
 from medmix_core.metrics import METRICS, compute_metrics, mean_std
 from medmix_core.protocols import N_AVAILABLE, Protocol, apply_protocol, describe, parse_protocols
-from medmix_core.runner import clean_json, ensure_store, is_store, load_model, load_tensors, run
+from medmix_core.runner import (
+    clean_json,
+    default_committee,
+    ensure_store,
+    is_store,
+    load_model,
+    load_tensors,
+    run,
+)
 from medmix_core.store import EmbeddingStore, atomic_write_bytes, atomic_write_text
 from medmix_core.training import predict_rows
 
@@ -57,6 +65,11 @@ def sweep(base: RunConfig, protocol: str, rates: list[float], fusers: list[str],
     """Run a protocol sweep; write tables and plots; return the result rows."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if not base.experts and not base.store:
+        from medmix_core.plugins import get_fuser
+
+        # one committee for every fuser and rate, fixed before the store is opened
+        base = default_committee(base, get_fuser(fusers[0]), log)
     store = ensure_store(base, log)
     probe = load_tensors(base, store, teacher_needed=False)
     if protocol == "mar" and covariate is None:

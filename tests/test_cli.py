@@ -107,6 +107,29 @@ def test_project_defaults_from_pyproject_tool_table(tmp_path, monkeypatch):
     assert '"concat"' in [ln for ln in res.output.splitlines() if ln.startswith("fuser ")][0]
 
 
+def test_dataset_run_defaults_sit_below_files_and_flags(tmp_path, monkeypatch,
+                                                       synth_store_path):
+    monkeypatch.chdir(tmp_path)
+
+    def shown(*args):
+        res = runner.invoke(app, ["run", *args, "--show-config"])
+        assert res.exit_code == 0, res.output
+        return {ln.split()[0]: ln for ln in res.output.splitlines()}
+
+    lines = shown()
+    assert "0.3" in lines["expert_dropout"] and "(dataset physionet2012)" in lines[
+        "expert_dropout"]
+    assert "(default)" in lines["lr"]  # only what the dataset declares
+    lines = shown("--expert-dropout", "0.1")
+    assert "0.1" in lines["expert_dropout"] and "(command line)" in lines["expert_dropout"]
+    (tmp_path / "medmix.yaml").write_text("modality_dropout: 0.05\n")
+    assert "medmix.yaml" in shown()["modality_dropout"]
+    (tmp_path / "medmix.yaml").unlink()
+    # another dataset, or a store made from one, gets none of physionet2012's
+    assert "(default)" in shown("--dataset", "synthetic")["expert_dropout"]
+    assert "(default)" in shown("--store", str(synth_store_path))["expert_dropout"]
+
+
 def test_predict_on_a_folder_that_is_not_a_run(tmp_path, synth_store_path):
     res = runner.invoke(app, ["predict", str(tmp_path), "--source", str(synth_store_path)])
     assert res.exit_code == 2 and "holds no trained model" in res.output

@@ -283,3 +283,37 @@ def test_fit_from_refuses_mismatches(source, tmp_path):
     with pytest.raises(DataError, match="no training rows"):
         extract("physionet2012", tmp_path / "e", ["grid"], source=source,
                 all_rows_split="test", progress=False)
+
+
+def test_dataset_default_options_apply_unless_the_caller_sets_them(source, tmp_path,
+                                                                    monkeypatch):
+    monkeypatch.setattr(PhysioNet2012, "default_expert_options", {"grid": {"bin_hours": 12}})
+    store = extract("physionet2012", tmp_path / "a", ["grid"], source=source, progress=False)
+    vitals = next(m for m in PhysioNet2012(source).modalities() if m.name == "vitals")
+    entry = store.entry("vitals", "grid")
+    assert entry.dim == 2 * len(vitals.variables) * 4  # 48 h in 12-hour bins
+    assert entry.provenance["options"] == {"bin_hours": 12}
+    mine = extract("physionet2012", tmp_path / "b", ["grid"], source=source, progress=False,
+                   expert_options={"grid": {"bin_hours": 24}})
+    assert mine.entry("vitals", "grid").dim == 2 * len(vitals.variables) * 2
+
+
+def test_fit_from_reuses_the_options_the_state_was_fitted_with(source, tmp_path):
+    train = extract("physionet2012", tmp_path / "train", ["grid"], source=source,
+                    progress=False, expert_options={"grid": {"bin_hours": 6}})
+    ext_src = str(write_subset(tmp_path / "ext", [132592, 132595, 132597]))
+    # no options given: those recorded with the fitted state are used, not grid's defaults
+    ext = extract("physionet2012", tmp_path / "ext_store", ["grid"], source=ext_src,
+                  fit_from=train.path, all_rows_split="test", progress=False)
+    assert ext.entry("vitals", "grid").dim == train.entry("vitals", "grid").dim
+    with pytest.raises(ExtractError, match="fitted with options"):
+        extract("physionet2012", tmp_path / "other", ["grid"], source=ext_src,
+                fit_from=train.path, all_rows_split="test", progress=False,
+                expert_options={"grid": {"bin_hours": 3}})
+
+
+def test_provenance_records_what_fitting_learned(source, tmp_path):
+    store = extract("physionet2012", tmp_path / "s", ["seqssl"], source=source,
+                    progress=False, expert_options={"seqssl": {"epochs": 2}})
+    trained = store.entry("vitals", "seqssl").provenance["trained"]["vitals"]
+    assert trained["epochs_run"] == 2 and trained["n_train"] > 0

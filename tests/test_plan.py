@@ -122,3 +122,44 @@ def test_a_dataset_without_a_committee_keeps_its_config(tmp_path, monkeypatch):
 def test_plan_describe_without_left_out():
     text = Plan(experts=["a"], teacher=None, extract_s=0).describe()
     assert text == "Default committee on cpu: a; already extracted."
+
+
+def test_the_first_member_that_does_not_fit_ends_the_committee():
+    class Later(_DS):
+        committee = ("a", "d", "b")  # b is cheap but may build on d
+
+    plan = plan_committee(Later, set(), set(), "cpu", _factory, cores=2, budget_s=600)
+    assert plan.experts == ["a"]
+    assert [n for n, _ in plan.left_out] == ["d", "b", "teacher t"]
+
+
+def test_a_teacher_asked_for_is_used_and_paid_first():
+    plan = plan_committee(_DS, set(), set(), "cpu", _factory, cores=2, budget_s=600,
+                          teacher="t")
+    # 500 s left: the teacher's 300 s first, then a (10) + b (100); c (200) no longer fits
+    assert plan.teacher == "t" and plan.experts == ["a", "b"]
+    assert "teacher t" not in dict(plan.left_out)
+    plan = plan_committee(_DS, set(), set(), "cuda", _factory, budget_s=600, teacher=False)
+    assert plan.teacher is None and not plan.left_out
+
+
+def test_the_weights_check_sees_the_run_options():
+    seen = {}
+
+    class Opt(_Enc):
+        def __init__(self, **options):
+            super().__init__("b")
+            seen.update(options)
+
+    def factory(name):
+        return Opt if name == "b" else _factory(name)
+
+    plan_committee(_DS, set(), set(), "cuda", factory, budget_s=600,
+                   options={"b": {"model_dir": "/m"}})
+    assert seen == {"model_dir": "/m"}
+
+
+def test_a_teacher_reading_fuser_gets_no_planned_teacher(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Exception, match="reads teacher embeddings at inference"):
+        default_committee(RunConfig(device="cpu", fuser="adacomed"), get_fuser("adacomed"))

@@ -49,6 +49,7 @@ from medmix_experts.sentence import (
     MiniLMExpert,
     check_options,
     package_version,
+    precision_entry,
     text_hash,
     weights_sha256,
 )
@@ -136,6 +137,7 @@ class RAGExpert(ExpertEncoder):
         return {"expert": self.name, "version": self.version, "family": self.family,
                 "options": {k: (str(v) if isinstance(v, os.PathLike) else v)
                             for k, v in self.options.items()},
+                **precision_entry(self.retriever._device),
                 "retriever": "all-MiniLM-L6-v2", "package": MINILM_PACKAGE,
                 "package_version": package_version(MINILM_PACKAGE),
                 "weights": str(folder / "model.safetensors"),

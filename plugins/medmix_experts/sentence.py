@@ -345,16 +345,24 @@ def mpnet_dir(model_dir: str | os.PathLike | None = None) -> Path:
 
 
 # ---------------------------------------------------------------------------- precision
+def _native_bf16(device: str) -> bool:
+    import torch
+
+    dev = torch.device(device)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index)[0] >= 8  # Ampere and later, not emulated
+
+
 def autocast_for(device: str):
-    """Half-precision autocast on CUDA (bf16 where supported, else fp16); fp32 elsewhere."""
+    """Half-precision autocast on CUDA (bf16 where native, else fp16); fp32 elsewhere."""
     import contextlib
 
     import torch
 
     if not str(device).startswith("cuda"):
         return contextlib.nullcontext()
-    half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=half)
+    return torch.autocast("cuda", dtype=torch.bfloat16 if _native_bf16(device)
+                          else torch.float16)
 
 
 def precision_entry(device: str) -> dict[str, str]:
@@ -362,10 +370,7 @@ def precision_entry(device: str) -> dict[str, str]:
     CPU keep their cache keys), else ``{"precision": "bf16-autocast"}`` or fp16."""
     if not str(device).startswith("cuda"):
         return {}
-    import torch
-
-    return {"precision": "bf16-autocast" if torch.cuda.is_bf16_supported()
-            else "fp16-autocast"}
+    return {"precision": "bf16-autocast" if _native_bf16(device) else "fp16-autocast"}
 
 
 # ---------------------------------------------------------------------------- text model

@@ -319,7 +319,7 @@ class SeqSSLExpert(ExpertEncoder):
         o = self.opts
         gen = torch.Generator().manual_seed(o["seed"])
         with torch.random.fork_rng(devices=[]):  # seeded init without touching global RNG
-            torch.manual_seed(o["seed"])
+            torch.default_generator.manual_seed(o["seed"])  # CPU only: CUDA RNGs untouched
             net = SeqNet(vals.shape[2], o["hidden"], o["layers"])
         opt = torch.optim.Adam(net.parameters(), lr=o["lr"])
         ssl_hist, recon_hist = [], []
