@@ -317,3 +317,20 @@ def test_provenance_records_what_fitting_learned(source, tmp_path):
                     progress=False, expert_options={"seqssl": {"epochs": 2}})
     trained = store.entry("vitals", "seqssl").provenance["trained"]["vitals"]
     assert trained["epochs_run"] == 2 and trained["n_train"] > 0
+
+
+def test_completing_a_store_leaves_its_entries_alone(source, tmp_path, monkeypatch):
+    from medmix_core.config import RunConfig
+    from medmix_core.runner import ensure_store
+
+    out = tmp_path / "s"
+    extract("physionet2012", out, ["stats"], source=source, progress=False)
+    shard = next((out / "shards" / "vitals" / "stats").glob("*.safetensors"))
+    before = shard.stat().st_mtime_ns
+    # a newer stats would key its entries differently; completing the store must not
+    # re-extract what is already there
+    monkeypatch.setattr(StatsExpert, "version", "changed")
+    cfg = RunConfig(store=str(out), source=source, experts=["stats", "grid"], progress=False)
+    store = ensure_store(cfg, log=lambda *_: None)
+    assert {e.name for e in store.experts["vitals"]} == {"stats", "grid"}
+    assert shard.stat().st_mtime_ns == before
