@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from medmix_core.errors import DataError
 from medmix_core.types import ModalitySpec, Payload
 
 
@@ -87,3 +88,14 @@ class Teacher(ExpertEncoder):
     and never by a deployed model."""
 
     family: ClassVar[str] = "teacher"
+
+
+def check_payload_types(expert: str, modality: ModalitySpec, payloads: Sequence[Payload],
+                        want: type) -> None:
+    """Raise :class:`DataError` unless every payload is a ``want`` (absent payloads are left
+    out by the caller, never passed as None)."""
+    for i, p in enumerate(payloads):
+        if not isinstance(p, want):
+            raise DataError(f"Expert {expert!r}, modality {modality.name!r}: payload {i} is "
+                            f"{type(p).__name__}, expected {want.__name__} (absent payloads "
+                            f"must be left out, not passed as None).")

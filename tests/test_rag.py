@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
-from pathlib import Path
 
 import numpy as np
 import pytest
+from _shared import real_stays
 
 from medmix_core.errors import DataError, StoreError
 from medmix_core.plugins import get_expert
@@ -19,19 +18,10 @@ from medmix_experts.rag import RAGExpert, read_kb_dir
 from medmix_experts.sentence import MiniLMExpert, text_hash
 
 
-@functools.lru_cache(maxsize=1)
-def real_stays(tmp_root: str):
-    """The first 7 real PhysioNet stays (smallest RecordIDs), through the dataset plugin."""
-    from medmix_datasets.physionet2012 import PhysioNet2012, write_subset
-
-    ds = PhysioNet2012(str(write_subset(Path(tmp_root) / "stays", 7)))
-    return ds, ds.samples()
-
-
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
     """Vitals of 7 real stays: 4 for training, 3 held out."""
-    ds, samples = real_stays(str(tmp_path_factory.mktemp("pn")))
+    ds, samples = real_stays(str(tmp_path_factory.mktemp("pn")), 7)
     spec = next(m for m in ds.modalities() if m.name == "vitals")
     pays = [s.modalities["vitals"] for s in samples]
     assert all(p is not None for p in pays)

@@ -5,27 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _shared import TOY
+from _shared import toy_ts as ts
 from medmix_datasets.physionet2012 import PhysioNet2012, write_subset
 from medmix_experts import seqssl
 from medmix_experts.seqssl import SeqSSLExpert
 from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
-from medmix_core import ExpertEncoder, ModalitySpec, TimeSeriesData
+from medmix_core import ExpertEncoder, ModalitySpec
 from medmix_core.errors import DataError
 
-TOY = ModalitySpec("toy", "timeseries", ["a", "b"])
 FAST = {"epochs": 3, "hidden": 16}  # a few seconds on one thread
-
-
-def ts(a=None, b=None, horizon=48.0):
-    """Toy payload: a/b are lists of (time, value) or None (not measured)."""
-    times, values = [], []
-    for obs in (a, b):
-        obs = obs or []
-        times.append(np.array([t for t, _ in obs], dtype=float))
-        values.append(np.array([v for _, v in obs], dtype=float))
-    return TimeSeriesData(["a", "b"], times, values, horizon)
 
 
 def toy_cohort(n=40, seed=0):

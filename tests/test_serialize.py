@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
-
 import numpy as np
 import pytest
+from _shared import real_stays
 from medmix_experts import serialize as ser
 
 from medmix_core.errors import DataError
 from medmix_core.types import ModalitySpec, TabularData, TimeSeriesData
-
-
-@functools.lru_cache(maxsize=1)
-def real_stays(tmp_root: str):
-    """The first 5 real PhysioNet stays (smallest RecordIDs), through the dataset plugin."""
-    from medmix_datasets.physionet2012 import PhysioNet2012, write_subset
-
-    ds = PhysioNet2012(str(write_subset(Path(tmp_root) / "stays", 5)))
-    return ds, ds.samples()
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,7 @@ import numpy as np
 
 from medmix_core import ExpertEncoder, ModalitySpec, TimeSeriesData, hookimpl
 from medmix_core.errors import DataError, WeightsNotFoundError
+from medmix_core.experts import check_payload_types
 from medmix_core.types import Payload
 from medmix_experts import serialize as ser
 from medmix_experts.sentence import (
@@ -254,11 +255,8 @@ class FracastExpert(ExpertEncoder):
         if modality.kind != "timeseries":
             raise DataError(f"Expert 'fracast' encodes time series; modality "
                             f"{modality.name!r} is {modality.kind!r}.")
+        check_payload_types(self.name, modality, payloads, TimeSeriesData)
         for i, p in enumerate(payloads):
-            if not isinstance(p, TimeSeriesData):
-                raise DataError(f"Expert 'fracast', modality {modality.name!r}: payload {i} is "
-                                f"{type(p).__name__}, expected TimeSeriesData (absent payloads "
-                                f"must be left out, not passed as None).")
             if len(p.times) != len(p.variables) or len(p.values) != len(p.variables):
                 raise DataError(f"Expert 'fracast', modality {modality.name!r}: payload {i} has "
                                 f"{len(p.variables)} variables but {len(p.times)} time arrays "

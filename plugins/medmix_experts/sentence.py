@@ -54,6 +54,7 @@ import numpy as np
 
 from medmix_core import ExpertEncoder, ModalitySpec, Teacher, hookimpl
 from medmix_core.errors import DataError, WeightsNotFoundError
+from medmix_core.experts import check_payload_types
 from medmix_core.store import atomic_write_text, sha256_file
 from medmix_core.types import Payload, TabularData, TimeSeriesData
 from medmix_experts import serialize as ser
@@ -590,11 +591,7 @@ class SerialisingEncoder(ExpertEncoder):
         if modality.kind not in self.kinds:
             raise DataError(f"Expert {self.name!r} encodes {self.kinds} modalities; "
                             f"{modality.name!r} is {modality.kind!r}.")
-        for i, p in enumerate(payloads):
-            if not isinstance(p, want):
-                raise DataError(f"Expert {self.name!r}, modality {modality.name!r}: payload "
-                                f"{i} is {type(p).__name__}, expected {want.__name__} (absent "
-                                f"payloads must be left out, not passed as None).")
+        check_payload_types(self.name, modality, payloads, want)
 
     def texts(self, modality: ModalitySpec, payloads: Sequence[Payload]) -> list[str]:
         """The serialised text of each payload (what the encoder reads)."""
