@@ -18,6 +18,9 @@ class Dataset(ABC):
     """
 
     name: ClassVar[str] = ""
+    #: keys of ``Sample.meta`` worth stratifying results by (sex, age band, ...): stored
+    #: per sample in the store (``EmbeddingStore.attributes()``) as strings or None
+    attributes: ClassVar[tuple[str, ...]] = ()
     #: experts ``medmix run`` extracts when none are named (cheap ones, ideally)
     default_experts: ClassVar[tuple[str, ...]] = ()
     #: per expert name, options used unless the caller sets them (e.g. which of the

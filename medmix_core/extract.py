@@ -133,6 +133,17 @@ def label_arrays(samples: Sequence[Sample], tasks: Sequence[TaskSpec]) -> dict[s
     return out
 
 
+def sample_attributes(samples: Sequence[Sample], ds_cls: type) -> dict[str, list[str | None]]:
+    """The dataset's declared ``attributes`` of every sample, as strings (None = unknown)."""
+    def value(v: Any) -> str | None:
+        if v is None or (isinstance(v, float) and not np.isfinite(v)):
+            return None
+        return str(v)
+
+    return {k: [value(s.meta.get(k)) for s in samples]
+            for k in getattr(ds_cls, "attributes", ()) or ()}
+
+
 def _validate_dataset(name: str, samples: list[Sample], mods: list[ModalitySpec],
                       splits: dict[str, list[int]], need_train: bool = True) -> None:
     if not samples:
@@ -392,7 +403,7 @@ def extract(
     writer.write_manifest(sample_ids=ids, modalities=mods, tasks=tasks, splits=splits,
                           experts=experts_m, teachers=teachers_m, labels_file=labels_file,
                           labels_sha256=labels_sha, dataset=_jsonable(data_key["identity"]),
-                          report=report)
+                          report=report, attributes=sample_attributes(samples, ds_cls))
     state["manifest_key"] = _hash(sorted((k, e["key"]) for k, e in state["encoders"].items()
                                          if e.get("complete")))
     _save_state(out, state)

@@ -175,6 +175,11 @@ class EmbeddingStore:
             if rows and (min(rows) < 0 or max(rows) >= n):
                 raise StoreError(f"{self.path / 'manifest.json'}: split {split!r} has row "
                                  f"indices outside [0, {n}); the store is inconsistent.")
+        attrs = self.manifest.get("attributes") or {}
+        if not isinstance(attrs, dict) or any(
+                not isinstance(v, list) or len(v) != n for v in attrs.values()):
+            raise StoreError(f"{self.path / 'manifest.json'}: 'attributes' must map each "
+                             f"attribute to a list of {n} values (one per sample).")
         self._check_file(self.manifest["labels_file"], verify, self.manifest.get("labels_sha256"))
         with self._safe_open(self.manifest["labels_file"]) as f:
             for t in self.tasks:
@@ -271,6 +276,11 @@ class EmbeddingStore:
         emb = torch.cat(embs) if embs else torch.zeros(0, entry.dim)
         mask = torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool)
         return emb, mask
+
+    def attributes(self) -> dict[str, list[str | None]]:
+        """Per-sample attributes for subgroup reporting (``Dataset.attributes``): name ->
+        one value per row, a string or None where unrecorded; {} when the dataset has none."""
+        return {k: list(v) for k, v in (self.manifest.get("attributes") or {}).items()}
 
     def labels(self, task: str) -> torch.Tensor:
         """Labels of one task: [N] (binary, multiclass index) or [N, C]; NaN = unknown."""
@@ -375,6 +385,7 @@ class StoreWriter:
         splits: dict[str, list[int]], experts: dict[str, list[EncoderEntry]],
         teachers: dict[str, list[EncoderEntry]], labels_file: str, labels_sha256: str,
         dataset: dict[str, Any], report: dict[str, Any] | None = None,
+        attributes: dict[str, list[str | None]] | None = None,
     ) -> Path:
         manifest = {
             "format": FORMAT, "version": FORMAT_VERSION, "dataset": dataset,
@@ -386,6 +397,7 @@ class StoreWriter:
             "teachers": {m: [e.to_json() for e in es] for m, es in teachers.items()},
             "labels_file": labels_file, "labels_sha256": labels_sha256,
             "report": report or {},
+            "attributes": attributes or {},
         }
         atomic_write_text(self.path / "manifest.json", json.dumps(manifest, indent=1))
         return self.path / "manifest.json"

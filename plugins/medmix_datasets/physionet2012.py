@@ -397,6 +397,24 @@ def _iter_source(path: Path):
                         f"a .tar.gz in {_LAYOUT}.") from exc
 
 
+AGE_BANDS = ((18, "18-44"), (45, "45-64"), (65, "65-79"), (80, "80+"))
+ICU_TYPES = {1: "coronary care", 2: "cardiac surgery recovery", 3: "medical", 4: "surgical"}
+
+
+def _attributes(static: np.ndarray) -> dict[str, str | None]:
+    """Subgroup attributes of a stay from its static descriptors; None where unrecorded."""
+    age, sex, icu = (static[STATIC.index(k)] for k in ("Age", "Gender", "ICUType"))
+    band = None
+    if np.isfinite(age):
+        for lo, label in AGE_BANDS:
+            if age >= lo:
+                band = label
+        band = band or "under 18"
+    return {"sex": {0.0: "female", 1.0: "male"}.get(float(sex)),
+            "age_band": band,
+            "icu_type": ICU_TYPES.get(int(icu)) if np.isfinite(icu) else None}
+
+
 class PhysioNet2012(Dataset):
     """The PhysioNet 2012 challenge cohort (bundled set A by default).
 
@@ -407,6 +425,7 @@ class PhysioNet2012(Dataset):
 
     name = "physionet2012"
     default_experts = ("stats", "grid")
+    attributes = ("sex", "age_band", "icu_type")
     # Fracast costs the same per series however short (a fixed 2,048-step context), so it
     # sees the four vital signs present in the most training stays (its fit picks them):
     # 4,000 stays x 4 series instead of x 24 over every group.
@@ -560,11 +579,12 @@ class PhysioNet2012(Dataset):
                 spans = list(zip(first[g][i], past[g][i]))
                 mods[g] = TimeSeriesData(list(variables), [tt[a:b] for a, b in spans],
                                          [vt[a:b] for a, b in spans], HORIZON)
-            samples.append(self._sample(rid, records[rid][0], mods, outcomes[rid]))
+            samples.append(self._sample(rid, records[rid][0], mods, outcomes[rid], row))
         return samples
 
     @staticmethod
-    def _sample(rid: int, set_name: str, mods: dict[str, Any], out: dict[str, float]) -> Sample:
+    def _sample(rid: int, set_name: str, mods: dict[str, Any], out: dict[str, float],
+                static: np.ndarray) -> Sample:
         def num(key: str) -> float:
             return float(out.get(key, np.nan))
 
@@ -572,7 +592,8 @@ class PhysioNet2012(Dataset):
         mortality = death if death in (0.0, 1.0) else float("nan")
         los7 = float(los > 7) if np.isfinite(los) and los >= 0 else float("nan")
         meta = {"set": set_name, "saps1": num("SAPS-I"), "sofa": num("SOFA"),
-                "length_of_stay": los, "survival": num("Survival")}
+                "length_of_stay": los, "survival": num("Survival"),
+                **_attributes(static)}
         return Sample(str(rid), mods, {"mortality": mortality, "los7": los7}, meta)
 
     # ------------------------------------------------------------------ reporting
