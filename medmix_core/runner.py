@@ -1,13 +1,9 @@
 """``medmix run``: from a store (extracted on demand) to trained models, metrics and files.
 
-Results directory::
-
-    config.json          the resolved RunConfig
-    metrics.json         per-seed and mean ± std test (and external) metrics
-    predictions.csv      test rows: id, label(s), mean probability, per-seed probability,
-                         mean modality weights
-    seed_<s>/model.safetensors + model.json   the deployed model (no teacher parameter)
-    encoders.json + state/                    experts and their fitted state, for predict
+The results folder's format and rules (one run per folder, locked while written, a
+failed run removed) are owned by :mod:`medmix_core.runs`. Everything that can be checked
+is checked before its first file is written: the fuser and its options, the device, the
+experts, the store's labels and splits, the external cohort.
 """
 
 from __future__ import annotations
@@ -29,8 +25,17 @@ from medmix_core.config import RunConfig
 from medmix_core.errors import MedmixError, StoreError
 from medmix_core.fusion import Fuser, FusionSpec
 from medmix_core.metrics import METRICS, bootstrap_ci, compute_metrics, mean_std
-from medmix_core.store import EmbeddingStore, atomic_save_tensors, atomic_write_text
-from medmix_core.training import SeedResult, make_spec, predict_rows, train_seed
+from medmix_core.runs import RunFolder, RunFolderError
+from medmix_core.store import EmbeddingStore, atomic_save_tensors, atomic_write_text, is_store
+from medmix_core.training import (
+    SeedResult,
+    check_fuser_options,
+    check_trainable,
+    make_spec,
+    predict_rows,
+    resolve_device,
+    train_seed,
+)
 
 
 def default_store_path(cfg: RunConfig) -> Path:
@@ -46,10 +51,6 @@ def default_store_path(cfg: RunConfig) -> Path:
     return Path("stores") / name
 
 
-def is_store(path: str | Path) -> bool:
-    return (Path(path) / "manifest.json").is_file()
-
-
 def ensure_store(cfg: RunConfig, log=print) -> EmbeddingStore:
     """Open the configured store; extract the missing experts/teacher into it first."""
     path = default_store_path(cfg)
@@ -57,8 +58,8 @@ def ensure_store(cfg: RunConfig, log=print) -> EmbeddingStore:
     teachers = [cfg.teacher] if cfg.teacher else []
     if is_store(path):
         store = EmbeddingStore.open(path)
-        have = {e.name for es in store.experts.values() for e in es}
-        have_t = {e.name for es in store.teachers.values() for e in es}
+        have = set(store.expert_names())
+        have_t = set(store.teacher_names())
         if (wanted is None or set(wanted) <= have) and set(teachers) <= have_t:
             return store
         if cfg.store and not cfg.dataset:
@@ -67,10 +68,12 @@ def ensure_store(cfg: RunConfig, log=print) -> EmbeddingStore:
         # in the manifest), even if this device or version would key them differently
         wanted = sorted(set(wanted or []) - have)
         teachers = [t for t in teachers if t not in have_t]
-    from medmix_core.plugins import get_any_encoder, get_dataset
+    from medmix_core.plugins import get_any_encoder, get_dataset, get_expert
 
     ds_cls = get_dataset(cfg.dataset)
-    for name in list(wanted or []) + teachers:  # typos fail before anything is printed
+    for name in wanted or []:  # typos fail before anything is printed
+        get_expert(name)
+    for name in teachers:
         get_any_encoder(name)
     if wanted is None:
         wanted = list(getattr(ds_cls, "default_experts", ()))
@@ -83,7 +86,7 @@ def ensure_store(cfg: RunConfig, log=print) -> EmbeddingStore:
     log(f"Extracting {what} from {cfg.dataset} into {path} (cached for later runs)")
     opts = {k: v for k, v in cfg.expert_options.items() if k in set(wanted) | set(teachers)}
     return extract(cfg.dataset, path, wanted, teachers, source=cfg.source,
-                   device=_extract_device(cfg.device),
+                   device=str(resolve_device(cfg.device)),
                    dataset_options=cfg.dataset_options or None, progress=cfg.progress,
                    expert_options=opts or None)
 
@@ -112,8 +115,7 @@ def default_committee(cfg: RunConfig, factory: Any, log=print) -> RunConfig:
     have_t: set[str] = set()
     if is_store(path):
         store = EmbeddingStore.open(path)
-        have = {e.name for es in store.experts.values() for e in es}
-        have_t = {e.name for es in store.teachers.values() for e in es}
+        have, have_t = set(store.expert_names()), set(store.teacher_names())
     teacher: str | bool | None = cfg.teacher or (cfg.distill is not False)
     plan = plan_committee(ds_cls, have, have_t, device_kind(cfg.device), get_any_encoder,
                           options=cfg.expert_options, teacher=teacher)
@@ -124,19 +126,10 @@ def default_committee(cfg: RunConfig, factory: Any, log=print) -> RunConfig:
     return cfg.model_copy(update={"experts": plan.experts, "teacher": plan.teacher})
 
 
-def _extract_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def select_experts(cfg: RunConfig, store: EmbeddingStore) -> list[str]:
     """Chosen experts: --experts (default: all in the store) minus --drop-experts (by name
     or by family, e.g. ``rag``)."""
-    names = list(cfg.experts) if cfg.experts else sorted(
-        {e.name for es in store.experts.values() for e in es})
+    names = list(cfg.experts) if cfg.experts else store.expert_names()
     drop = set(cfg.drop_experts)
     fam = {e.name: e.family for es in store.experts.values() for e in es}
     kept = [n for n in names if n not in drop and fam.get(n) not in drop]
@@ -259,36 +252,57 @@ def fmt(ms: dict[str, float]) -> str:
 
 
 def open_external(cfg: RunConfig, store: EmbeddingStore, log=print) -> EmbeddingStore:
-    """The external cohort's store: a store path as is, or a source extracted with the
-    training store's fitted expert state."""
+    """The external cohort's store: a store path as is, or a source (of the run's dataset,
+    or of ``external_dataset``) extracted with the training store's fitted expert state."""
     src = cfg.external_test
     if is_store(src):
         return EmbeddingStore.open(src)
+    if not Path(src).exists():
+        raise MedmixError(f"--external-test {src!r} does not exist. Pass a store folder (from "
+                          f"`medmix extract`) or raw data of the dataset "
+                          f"{cfg.external_dataset or cfg.dataset!r}.")
     from medmix_core.extract import extract
 
-    # beside the training store, keyed by the external source
-    key = default_store_path(cfg.model_copy(update={"source": src, "store": None})).name
+    dataset = cfg.external_dataset or cfg.dataset
+    # beside the training store, keyed by the external dataset and source
+    key = default_store_path(cfg.model_copy(update={"source": src, "store": None,
+                                                    "dataset": dataset})).name
     path = store.path.parent / f"{store.path.name}-external-{key.rsplit('-', 1)[-1]}"
-    experts: list[str] = []  # the training store's order
-    for es in store.experts.values():
-        experts += [e.name for e in es if e.name not in experts]
+    if dataset != cfg.dataset:
+        path = path.with_name(f"{path.name}-{dataset}")
     log(f"Encoding external cohort {src} with the training store's fitted experts -> {path}")
-    return extract(cfg.dataset, path, experts, [], source=src, fit_from=store.path,
-                   progress=cfg.progress, dataset_options=cfg.dataset_options or None)
+    return extract(dataset, path, store.expert_order(), [], source=src, fit_from=store.path,
+                   progress=cfg.progress, all_rows_split="test",
+                   device=str(resolve_device(cfg.device)),
+                   dataset_options=(cfg.dataset_options or None) if dataset == cfg.dataset
+                   else None)
+
+
+def cohort_tensors(store: EmbeddingStore, spec: FusionSpec, task: str | None,
+                   teacher: str | None = None) -> StoreTensors:
+    """A cohort laid out as a trained model expects it: the spec's modalities and experts,
+    matched by name; a modality the cohort lacks is absent for every row."""
+    return StoreTensors.from_store(store, task, teacher=teacher, layout=spec.experts,
+                                   dims=spec.dims)
 
 
 def check_compatible(spec: FusionSpec, tensors: StoreTensors, what: str) -> None:
-    """A cohort must have the run's modalities, experts and dims."""
+    """A cohort must have the run's modalities, experts (by name) and dims."""
     for m in spec.modalities:
         if m not in tensors.modalities:
             raise MedmixError(f"{what} has no modality {m!r} (it has {tensors.modalities}); the "
                               f"run was trained on {spec.modalities}.")
-        got = list(zip(tensors.experts[m], tensors.dims()[m]))
-        want = list(zip(spec.experts[m], spec.dims[m]))
+        got = dict(zip(tensors.experts[m], tensors.dims()[m]))
+        want = dict(zip(spec.experts[m], spec.dims[m]))
         if got != want:
-            raise MedmixError(f"{what}: modality {m!r} has experts/dims {got}, the run expects "
-                              f"{want}. Encode the cohort with the run's experts "
-                              f"(`medmix predict` does this from a raw source).")
+            raise MedmixError(f"{what}: modality {m!r} has experts/dims {sorted(got.items())}, "
+                              f"the run expects {sorted(want.items())}. Encode the cohort with "
+                              f"the run's experts (`medmix predict` does this from a raw "
+                              f"source).")
+        if tensors.experts[m] != spec.experts[m]:
+            raise MedmixError(f"{what}: modality {m!r} lists experts {tensors.experts[m]}, the "
+                              f"model reads them as {spec.experts[m]}; load the cohort with "
+                              f"medmix_core.runner.cohort_tensors, which matches them by name.")
 
 
 def select_on_validation(cfg: RunConfig, tensors: StoreTensors, spec: FusionSpec,
@@ -311,32 +325,82 @@ def select_on_validation(cfg: RunConfig, tensors: StoreTensors, spec: FusionSpec
         "chosen": best["options"], "candidates": tried}
 
 
-def run(cfg: RunConfig, log=print) -> dict[str, Any]:
-    """Train and evaluate ``cfg.fuser`` for every seed; write the results directory.
+def default_out(cfg: RunConfig, label: str | None = None) -> Path:
+    """``runs/<timestamp>-<fuser>`` (or ``-<label>``) when no --out is given."""
+    return Path("runs") / (dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+                           + f"-{label or cfg.fuser}")
 
+
+def _check_experts_known(cfg: RunConfig) -> None:
+    """Named experts must be registered (or already in the named store)."""
+    from medmix_core.plugins import get_expert
+
+    if not cfg.experts:
+        return
+    have: set[str] = set()
+    path = default_store_path(cfg)
+    if is_store(path):
+        try:
+            have = set(EmbeddingStore.open(path).expert_names())
+        except StoreError:
+            have = set()  # reported when the store is opened for the run
+    for name in list(cfg.experts) + list(cfg.drop_experts):
+        if name in have or name in ("general", "domain", "rag"):
+            continue
+        get_expert(name)  # UnknownPluginError: "Unknown expert ..." with close matches
+
+
+def _check_out_vs_store(out: Path, store_path: Path) -> None:
+    o, st = out.resolve(), store_path.resolve()
+    if o == st or st in o.parents or o in st.parents:
+        raise RunFolderError(f"--out {str(out)!r} and the store {str(store_path)!r} overlap; "
+                             f"a results folder and a store must be separate folders.")
+
+
+def run(cfg: RunConfig, log=print, overwrite: bool = False) -> dict[str, Any]:
+    """Train and evaluate ``cfg.fuser`` for every seed; write the results folder.
+
+    Args:
+        cfg: the run configuration.
+        log: where progress lines go.
+        overwrite: replace a run already in ``cfg.out`` (cleared first); without it an
+            occupied folder is refused.
     Returns:
-        the metrics dict written to metrics.json.
+        the metrics dict written to metrics.json (with "out").
     """
     from medmix_core.plugins import get_fuser
 
     factory = get_fuser(cfg.fuser)  # unknown names fail before any extraction
+    check_fuser_options(cfg.fuser, cfg.fuser_options)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    if cfg.store:
+        _check_out_vs_store(out, Path(cfg.store))
+    folder = RunFolder.prepare(out, "run", overwrite)
+    _check_experts_known(cfg)
     if not cfg.experts and not cfg.store:
         cfg = default_committee(cfg, factory, log)
     store = ensure_store(cfg, log)
+    _check_out_vs_store(out, store.path)
     fuser_cls_needs_teacher = bool(getattr(factory, "uses_teacher_at_inference", False))
     if fuser_cls_needs_teacher and cfg.distill is None:
         cfg = cfg.model_copy(update={"distill": False})  # its teacher is an input, not a target
     teacher_needed = cfg.distill_on or fuser_cls_needs_teacher
     if fuser_cls_needs_teacher and not cfg.teacher:
-        have = sorted({e.name for es in store.teachers.values() for e in es})
+        have = store.teacher_names()
         if not have:
             raise MedmixError(f"Fuser {cfg.fuser!r} reads teacher-class embeddings at inference,"
                               f" but store {store.path} has none. Extract one with --teacher.")
         cfg = cfg.model_copy(update={"teacher": have[0]})
     tensors = load_tensors(cfg, store, teacher_needed)
+    check_trainable(tensors, store.splits)
+    test_rows = torch.as_tensor(store.splits.get("test", []), dtype=torch.long)
+    if not bool(tensors.label_mask[test_rows].any()) if len(test_rows) else True:
+        raise MedmixError(f"Store {store.path}: the test split has {len(test_rows)} rows and "
+                          f"no known label of task {tensors_task(cfg, store)!r}; there is "
+                          f"nothing to evaluate. Check the store's splits and labels.")
     if fuser_cls_needs_teacher:
-        test = torch.as_tensor(store.splits["test"], dtype=torch.long)
-        if len(test) and not bool(tensors.teacher_mask[test].any()):
+        if not bool(tensors.teacher_mask[test_rows].any()):
             raise MedmixError(
                 f"Fuser {cfg.fuser!r} reads teacher embeddings at inference, but teacher "
                 f"{cfg.teacher!r} in store {store.path} covers no test row (teachers are "
@@ -344,26 +408,40 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
                 f"`medmix extract ... --teacher {cfg.teacher} --teacher-rows all --out "
                 f"{store.path}`.")
     spec = make_spec(tensors, families(store, tensors))
-    out = Path(cfg.out) if cfg.out else Path("runs") / (
-        dt.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{cfg.fuser}")
-    out.mkdir(parents=True, exist_ok=True)
     used = []
     for m in spec.modalities:
         used += [n for n in spec.experts[m] if n not in used]
-    resolved = cfg.model_copy(update={"store": str(store.path), "experts": used})
-    atomic_write_text(out / "config.json", resolved.model_dump_json(indent=1))
-    _copy_encoders(store, tensors, out)
-
-    test_rows = torch.as_tensor(store.splits["test"], dtype=torch.long)
+    resolved = cfg.model_copy(update={"store": str(store.path), "experts": used,
+                                      "out": str(out)})
     test_labels = tensors.labels[test_rows]
     ext_store = ext_tensors = None
-    if cfg.external_test:
+    if cfg.external_test:  # encoded and checked before the results folder is started
         ext_store = open_external(cfg, store, log)
-        ext_tensors = _filter_modalities(StoreTensors.from_store(
-            ext_store, tensors_task(cfg, store), select_experts(cfg, store),
-            cfg.teacher if fuser_cls_needs_teacher else None), cfg.keep_modalities)
+        ext_tensors = cohort_tensors(ext_store, spec, tensors_task(cfg, store),
+                                     cfg.teacher if fuser_cls_needs_teacher else None)
         check_compatible(spec, ext_tensors, f"External cohort {cfg.external_test}")
 
+    folder.start(seeds=list(cfg.seeds), fuser=cfg.fuser)
+    try:
+        folder.write_text("config.json", resolved.model_dump_json(indent=1))
+        _copy_encoders(store, tensors, out)
+        metrics = _train_and_evaluate(cfg, factory, store, tensors, spec, folder, device,
+                                      test_rows, test_labels, ext_store, ext_tensors,
+                                      resolved, teacher_needed, log)
+        folder.finish()
+    except BaseException as exc:
+        folder.abort(exc)
+        raise
+    metrics["out"] = str(out)
+    return metrics
+
+
+def _train_and_evaluate(cfg, factory, store, tensors, spec, folder: RunFolder, device,
+                        test_rows, test_labels, ext_store, ext_tensors, resolved,
+                        teacher_needed, log) -> dict[str, Any]:
+    """Every seed of a started run folder: train, evaluate, save; then metrics and
+    predictions."""
+    out = folder.path
     selection = None
     candidates = getattr(factory, "candidates", None)
     if candidates is not None and not cfg.fuser_options:
@@ -375,24 +453,27 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
         log(f"seed {seed}: training {cfg.fuser} on {len(store.splits['train'])} samples, "
             f"{len(spec.modalities)} modalities, experts {sorted(set(resolved.experts))}")
         res = train_seed(cfg, tensors, spec, store.splits, seed, train_mask, eval_mask)
-        pred = predict_rows(res.model, tensors, test_rows, torch.device("cpu"), mask=eval_mask)
+        model = res.model.to(device)
+        pred = predict_rows(model, tensors, test_rows, device, mask=eval_mask)
         m = compute_metrics(pred["probs"], test_labels, tensors.task_type, res.threshold)
         per_seed.append(m)
         probs.append(pred["probs"])
         weights.append(pred.get("modality_weights"))
-        save_model(res, spec, cfg, out / f"seed_{seed}")
-        seeds_info.append({"seed": seed, "best_epoch": res.best_epoch,
-                           "epochs_run": res.epochs_run, "seconds": round(res.seconds, 2),
-                           "threshold": res.threshold, "val": res.val_metrics})
-        log(f"seed {seed}: best epoch {res.best_epoch} of {res.epochs_run}, "
-            f"{res.seconds:.1f}s, test AUROC {m['auroc']:.4f}, AUPRC {m['auprc']:.4f}")
         if ext_tensors is not None:
-            rows = torch.arange(ext_tensors.n)
-            ep = predict_rows(res.model, ext_tensors, rows, torch.device("cpu"))
+            ep = predict_rows(model, ext_tensors, torch.arange(ext_tensors.n), device)
             ext_per_seed.append(compute_metrics(ep["probs"], ext_tensors.labels,
                                                 ext_tensors.task_type, res.threshold))
             ext_probs.append(ep["probs"])
+        res.model = model.cpu()
+        save_model(res, spec, cfg, folder.seed_dir(seed))
+        seeds_info.append({"seed": seed, "best_epoch": res.best_epoch,
+                           "epochs_run": res.epochs_run, "seconds": round(res.seconds, 2),
+                           "threshold": res.threshold, "val": res.val_metrics})
+        folder.seed_done(seed)
+        log(f"seed {seed}: best epoch {res.best_epoch} of {res.epochs_run}, "
+            f"{res.seconds:.1f}s, test AUROC {m['auroc']:.4f}, AUPRC {m['auprc']:.4f}")
 
+    n_known = int(tensors.label_mask[test_rows].sum())
     metrics: dict[str, Any] = {
         "task": tensors_task(cfg, store), "task_type": tensors.task_type, "fuser": cfg.fuser,
         "experts": resolved.experts, "experts_by_modality": spec.experts,
@@ -401,29 +482,65 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
         "threshold_rule": ("chosen on validation to maximise macro-F1"
                            if cfg.threshold == "val" else f"fixed at {cfg.threshold}"),
         "test": aggregate(per_seed), "per_seed": per_seed, "seed_info": seeds_info,
-        "n_test": len(test_rows), "store": str(store.path),
-        "protocol": cfg.protocol, "selected_on_validation": selection,
+        "n_test": n_known, "n_test_unknown_label": len(test_rows) - n_known,
+        "store": str(store.path), "protocol": cfg.protocol,
+        "selected_on_validation": selection,
     }
     if cfg.bootstrap:
         # CI of the seed-averaged prediction: resampling patients, seeded with 0
         thr = sum(s["threshold"] for s in seeds_info) / len(seeds_info)
-        metrics["test_ci95"] = bootstrap_ci(torch.stack(probs).mean(0), test_labels,
-                                            tensors.task_type, thr, cfg.bootstrap, 0)
+        known = tensors.label_mask[test_rows]
+        metrics["test_ci95"] = bootstrap_ci(torch.stack(probs).mean(0)[known],
+                                            test_labels[known], tensors.task_type, thr,
+                                            cfg.bootstrap, 0)
         metrics["bootstrap"] = {"resamples": cfg.bootstrap, "seed": 0, "level": 0.95,
                                 "of": "mean probability over seeds, percentile interval"}
     if ext_per_seed:
         metrics["external"] = aggregate(ext_per_seed)
         metrics["external_per_seed"] = ext_per_seed
-    payload = json.dumps(clean_json(metrics), indent=1, default=_json_nan)
-    atomic_write_text(out / "metrics.json", payload)
     _write_predictions(out / "predictions.csv", store, tensors, test_rows, probs, weights,
                        cfg.seeds, spec)
     if ext_probs:
         _write_predictions(out / "external_predictions.csv", ext_store, ext_tensors,
                            torch.arange(ext_tensors.n), ext_probs, [None] * len(ext_probs),
                            cfg.seeds, spec)
-    metrics["out"] = str(out)
+    # metrics last: a folder with metrics.json is a finished run
+    folder.write_text("metrics.json", json.dumps(clean_json(metrics), indent=1,
+                                                 default=_json_nan))
     return metrics
+
+
+def compare(base: RunConfig, fusers: list[str], out: str | Path | None = None,
+            overwrite: bool = False, log=print) -> list[dict[str, Any]]:
+    """One run per fuser in ``out/<fuser>`` and the paper-style table in ``out``.
+
+    The comparison folder follows the run-folder rules: refused when occupied (unless
+    ``overwrite``), locked while written, marked complete last.
+    """
+    from medmix_core.plugins import get_fuser
+    from medmix_core.report import write_comparison
+
+    for f in fusers:  # every name and option set checked before anything runs
+        get_fuser(f)
+    root = Path(out) if out else default_out(base, "comparison")
+    folder = RunFolder.prepare(root, "comparison", overwrite)
+    resolve_device(base.device)
+    folder.start(fusers=fusers)
+    results = []
+    try:
+        for f in fusers:
+            cfg = base.model_copy(update={"fuser": f, "out": str(root / f)})
+            results.append(run(cfg, log))
+        write_comparison(results, root)
+        folder.finish()
+    except BaseException as exc:
+        if results and not isinstance(exc, KeyboardInterrupt):
+            folder.update(status="failed", error=str(exc))  # finished runs are kept
+            folder.release()
+        else:
+            folder.abort(exc)
+        raise
+    return results
 
 
 def tensors_task(cfg: RunConfig, store: EmbeddingStore) -> str:
@@ -462,10 +579,10 @@ def _write_predictions(path: Path, store: EmbeddingStore, tensors: StoreTensors,
     seed_cols = [f"prob_seed{s}" + ("" if c == 1 else f"_{i}") for s in seeds for i in range(c)]
     wcols = [f"weight_{m}" for m in spec.modalities] if wmean is not None else []
     w.writerow(["sample_id"] + lab_cols + prob_cols + seed_cols + wcols)
-    lab2 = labels.reshape(len(rows), -1)
-    lmask = tensors.label_mask[rows]
+    lab2 = labels.reshape(len(rows), -1).float()
     for i, r in enumerate(rows.tolist()):
-        labs = [("" if not lmask[i] else int(v)) for v in lab2[i].tolist()]
+        # an unknown label is an empty cell, never 0
+        labs = ["" if (math.isnan(v) or v < 0) else int(v) for v in lab2[i].tolist()]
         row = [store.sample_ids[r]] + labs + [f"{v:.6f}" for v in mean[i].tolist()]
         row += [f"{p[i, j]:.6f}" for p in probs for j in range(c)]
         if wmean is not None:

@@ -15,7 +15,6 @@ only (tensors are memory-mapped and read on demand), so a store larger than RAM 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -30,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from medmix_core.errors import StoreError
+from medmix_core.files import cached_sha256, sha256_file
 from medmix_core.types import ModalitySpec, TaskSpec
 
 FORMAT = "medmix-store"
@@ -84,12 +84,6 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata=N
         raise
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -110,6 +104,52 @@ class EncoderEntry:
                 ("name", "dim", "role", "family", "provenance", "shards", "state_file")}
 
 
+_ENTRY_KEYS = {"name": str, "dim": int, "role": str, "family": str, "provenance": dict,
+               "shards": list}
+_SHARD_KEYS = {"file": str, "start": int, "stop": int, "bytes": int}
+
+
+def _entries(path: Path, manifest: dict[str, Any], key: str) -> dict[str, list[EncoderEntry]]:
+    """The manifest's expert or teacher entries, each checked for its keys and types."""
+    where = Path(path) / "manifest.json"
+    table = manifest.get(key, {})
+    if not isinstance(table, dict):
+        raise StoreError(f"{where}: {key!r} must map modality names to lists of entries, found "
+                         f"{type(table).__name__}. The store is corrupt; re-run `medmix extract`.")
+    out: dict[str, list[EncoderEntry]] = {}
+    for m, entries in table.items():
+        if not isinstance(entries, list):
+            raise StoreError(f"{where}: {key}[{m!r}] must be a list of entries, found "
+                             f"{type(entries).__name__}; re-run `medmix extract`.")
+        out[m] = []
+        for i, e in enumerate(entries):
+            bad = [f"{k} ({t.__name__})" for k, t in _ENTRY_KEYS.items()
+                   if not isinstance(e, dict) or not isinstance(e.get(k), t)
+                   or isinstance(e.get(k), bool)]
+            if bad:
+                raise StoreError(f"{where}: {key}[{m!r}][{i}] lacks or mistypes {bad}; every "
+                                 f"entry needs name, dim, role, family, provenance and shards. "
+                                 f"The store is corrupt; re-run `medmix extract` into a new "
+                                 f"--out.")
+            if e["dim"] < 1:
+                raise StoreError(f"{where}: {key}[{m!r}][{i}] ({e['name']!r}) has dim "
+                                 f"{e['dim']}; expected a positive width.")
+            for j, sh in enumerate(e["shards"]):
+                sbad = [k for k, t in _SHARD_KEYS.items()
+                        if not isinstance(sh, dict) or not isinstance(sh.get(k), t)]
+                if sbad:
+                    raise StoreError(f"{where}: shard {j} of {key}[{m!r}][{e['name']!r}] lacks "
+                                     f"or mistypes {sbad}; re-run `medmix extract`.")
+            known = {k: e[k] for k in ("name", "dim", "role", "family", "provenance", "shards")}
+            out[m].append(EncoderEntry(modality=m, state_file=e.get("state_file"), **known))
+    return out
+
+
+def is_store(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a folder holding a store manifest (not yet validated)."""
+    return (Path(path) / "manifest.json").is_file()
+
+
 class EmbeddingStore:
     """A validated, lazily loaded store. Use :meth:`open`; write with :class:`StoreWriter`."""
 
@@ -120,12 +160,8 @@ class EmbeddingStore:
         self.modalities: list[ModalitySpec] = [ModalitySpec(**m) for m in manifest["modalities"]]
         self.tasks: list[TaskSpec] = [TaskSpec(**t) for t in manifest["tasks"]]
         self.splits: dict[str, list[int]] = manifest["splits"]
-        self.experts: dict[str, list[EncoderEntry]] = {
-            m: [EncoderEntry(modality=m, **e) for e in entries]
-            for m, entries in manifest["experts"].items()}
-        self.teachers: dict[str, list[EncoderEntry]] = {
-            m: [EncoderEntry(modality=m, **e) for e in entries]
-            for m, entries in manifest.get("teachers", {}).items()}
+        self.experts: dict[str, list[EncoderEntry]] = _entries(path, manifest, "experts")
+        self.teachers: dict[str, list[EncoderEntry]] = _entries(path, manifest, "teachers")
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -163,7 +199,16 @@ class EmbeddingStore:
             if key not in manifest:
                 raise StoreError(f"{mpath}: manifest lacks the key {key!r}; the store is corrupt. "
                                  f"Delete {path} and re-run `medmix extract`.")
-        store = cls(path, manifest)
+        if not isinstance(manifest.get("sample_ids"), list) or not all(
+                isinstance(i, str) for i in manifest["sample_ids"]):
+            raise StoreError(f"{mpath}: 'sample_ids' must be a list of strings; the store is "
+                             f"corrupt. Re-run `medmix extract` into a new --out.")
+        try:
+            store = cls(path, manifest)
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:
+            raise StoreError(f"{mpath}: the manifest's modalities, tasks or entries are "
+                             f"malformed ({type(exc).__name__}: {exc}); the store is corrupt. "
+                             f"Re-run `medmix extract` into a new --out.") from exc
         store._validate(verify)
         return store
 
@@ -171,10 +216,27 @@ class EmbeddingStore:
         n = len(self.sample_ids)
         if len(set(self.sample_ids)) != n:
             raise StoreError(f"{self.path / 'manifest.json'}: sample ids are not unique.")
+        where = self.path / "manifest.json"
+        if not isinstance(self.splits, dict) or not all(
+                isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                            for i in v) for v in self.splits.values()):
+            raise StoreError(f"{where}: 'splits' must map split names to lists of row indices.")
+        seen: dict[int, str] = {}
         for split, rows in self.splits.items():
             if rows and (min(rows) < 0 or max(rows) >= n):
-                raise StoreError(f"{self.path / 'manifest.json'}: split {split!r} has row "
-                                 f"indices outside [0, {n}); the store is inconsistent.")
+                raise StoreError(f"{where}: split {split!r} has row indices outside [0, {n}); "
+                                 f"the store is inconsistent.")
+            if len(set(rows)) != len(rows):
+                raise StoreError(f"{where}: split {split!r} lists {len(rows) - len(set(rows))} "
+                                 f"rows twice; each row belongs to one split once.")
+            shared = [r for r in rows if r in seen]
+            if shared:
+                other = seen[shared[0]]
+                raise StoreError(f"{where}: splits {other!r} and {split!r} share "
+                                 f"{len(shared)} rows (e.g. {shared[:5]}); a row in both "
+                                 f"would leak into evaluation. Re-extract with disjoint "
+                                 f"splits.")
+            seen.update(dict.fromkeys(rows, split))
         attrs = self.manifest.get("attributes") or {}
         if not isinstance(attrs, dict) or any(
                 not isinstance(v, list) or len(v) != n for v in attrs.values()):
@@ -223,9 +285,24 @@ class EmbeddingStore:
             raise StoreError(f"{p}: expected {size} bytes, found {p.stat().st_size}: the file "
                              f"is truncated or was overwritten. Delete it and re-run `medmix "
                              f"extract` with the same --out.")
-        if verify and sha and sha256_file(p) != sha:
+        if verify and sha and cached_sha256(p) != sha:
             raise StoreError(f"{p}: sha256 differs from the manifest; the file is corrupt. "
                              f"Delete it and re-run `medmix extract` with the same --out.")
+
+    def _check_hash(self, shard: dict[str, Any]) -> None:
+        """A shard's bytes must match the manifest's sha256 (hashed once per file version)."""
+        if not shard.get("sha256"):
+            return
+        p = self.path / shard["file"]
+        try:
+            digest = cached_sha256(p)
+        except OSError as exc:
+            raise StoreError(f"{p}: cannot read the shard ({exc}). Re-run `medmix extract` "
+                             f"with the same --out to re-make it.") from exc
+        if digest != shard["sha256"]:
+            raise StoreError(f"{p}: sha256 differs from the manifest; the shard's bytes were "
+                             f"changed or damaged after extraction. Re-run `medmix extract` "
+                             f"with the same --out: it re-makes the damaged shard.")
 
     def _safe_open(self, rel: str):
         p = self.path / rel
@@ -246,6 +323,21 @@ class EmbeddingStore:
         for entries in self.teachers.values():
             yield from entries
 
+    def expert_names(self) -> list[str]:
+        """Every expert of the store, sorted by name."""
+        return sorted({e.name for es in self.experts.values() for e in es})
+
+    def teacher_names(self) -> list[str]:
+        """Every teacher of the store, sorted by name."""
+        return sorted({e.name for es in self.teachers.values() for e in es})
+
+    def expert_order(self) -> list[str]:
+        """Experts in the store's order (modality by modality, first appearance)."""
+        out: list[str] = []
+        for m in self.modalities:
+            out += [e.name for e in self.experts.get(m.name, []) if e.name not in out]
+        return out
+
     def entry(self, modality: str, name: str, role: str = "expert") -> EncoderEntry:
         table = self.experts if role == "expert" else self.teachers
         for e in table.get(modality, []):
@@ -263,6 +355,7 @@ class EmbeddingStore:
         """
         embs, masks = [], []
         for shard in entry.shards:
+            self._check_hash(shard)
             with self._safe_open(shard["file"]) as f:
                 emb, mask = f.get_tensor("emb"), f.get_tensor("mask").bool()
             present = emb[mask]

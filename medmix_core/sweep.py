@@ -21,10 +21,12 @@ import torch
 
 from medmix_core.batch import StoreTensors
 from medmix_core.config import RunConfig
+from medmix_core.errors import MedmixError
 from medmix_core.metrics import METRICS, compute_metrics, mean_std
 from medmix_core.protocols import N_AVAILABLE, Protocol, apply_protocol, describe, parse_protocols
 from medmix_core.runner import (
     clean_json,
+    cohort_tensors,
     default_committee,
     ensure_store,
     is_store,
@@ -32,8 +34,9 @@ from medmix_core.runner import (
     load_tensors,
     run,
 )
+from medmix_core.runs import RunFolder
 from medmix_core.store import EmbeddingStore, atomic_write_bytes, atomic_write_text
-from medmix_core.training import predict_rows
+from medmix_core.training import predict_rows, resolve_device
 
 
 def _eval_masks(proto: Protocol, tensors: StoreTensors, rows: torch.Tensor, seed: int):
@@ -45,15 +48,18 @@ def _eval_masks(proto: Protocol, tensors: StoreTensors, rows: torch.Tensor, seed
 
 
 def _evaluate_saved(run_dir: Path, tensors: StoreTensors, rows: torch.Tensor,
-                    protos: list[Protocol]) -> dict[str, list[dict[str, Any]]]:
+                    protos: list[Protocol], device: torch.device | None = None
+                    ) -> dict[str, list[dict[str, Any]]]:
     """Per protocol label: per-seed metrics of the saved models under that protocol."""
     out: dict[str, list[dict[str, Any]]] = {describe(p): [] for p in protos}
     labels = tensors.labels[rows]
-    for folder in sorted(run_dir.glob("seed_*")):
+    for folder in RunFolder(run_dir).finished_seeds():
         model, meta = load_model(folder)
+        device = device or torch.device("cpu")
+        model = model.to(device)
         for p in protos:
             mask = _eval_masks(p, tensors, rows, int(meta["seed"]))
-            pred = predict_rows(model, tensors, rows, torch.device("cpu"), mask=mask)
+            pred = predict_rows(model, tensors, rows, device, mask=mask)
             out[describe(p)].append(compute_metrics(pred["probs"], labels, tensors.task_type,
                                                     meta["threshold"]))
     return out
@@ -61,10 +67,39 @@ def _evaluate_saved(run_dir: Path, tensors: StoreTensors, rows: torch.Tensor,
 
 def sweep(base: RunConfig, protocol: str, rates: list[float], fusers: list[str], out: Path,
           modality: str | None = None, strength: float = 0.0, covariate: str | None = None,
-          keep_last: bool = True, log=print) -> list[dict[str, Any]]:
-    """Run a protocol sweep; write tables and plots; return the result rows."""
+          keep_last: bool = True, log=print, overwrite: bool = False) -> list[dict[str, Any]]:
+    """Run a protocol sweep; write tables and plots; return the result rows.
+
+    ``out`` follows the run-folder rules (:mod:`medmix_core.runs`): an occupied folder is
+    refused unless ``overwrite``; a sweep that fails is removed.
+    """
+    from medmix_core.plugins import get_fuser
+    from medmix_core.training import check_fuser_options
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    for f in fusers:
+        get_fuser(f)
+        check_fuser_options(f, base.fuser_options)
+    resolve_device(base.device)
+    folder = RunFolder.prepare(out, "sweep", overwrite)
+    if base.external_test and not is_store(base.external_test):
+        raise MedmixError(f"--external-test {base.external_test!r}: a sweep evaluates an "
+                          f"external cohort from a store; encode it first with `medmix "
+                          f"extract ... --fit-from <the training store> --all-rows-split test`.")
+    folder.start(protocol=protocol, rates=list(rates), fusers=list(fusers))
+    try:
+        rows = _sweep(base, protocol, rates, fusers, out, modality, strength, covariate,
+                      keep_last, log)
+        folder.finish()
+    except BaseException as exc:
+        folder.abort(exc)
+        raise
+    return rows
+
+
+def _sweep(base: RunConfig, protocol: str, rates: list[float], fusers: list[str], out: Path,
+           modality: str | None, strength: float, covariate: str | None, keep_last: bool,
+           log) -> list[dict[str, Any]]:
     if not base.experts and not base.store:
         from medmix_core.plugins import get_fuser
 
@@ -89,16 +124,17 @@ def sweep(base: RunConfig, protocol: str, rates: list[float], fusers: list[str],
             rows = torch.as_tensor(store.splits["test"], dtype=torch.long)
             rows_out.append(_row(fuser, "natural", 0.0, None, metrics["per_seed"]))
             for label, per_seed in _evaluate_saved(out / fuser / "natural", tensors, rows,
-                                                   protos).items():
+                                                   protos, resolve_device(base.device)).items():
                 p = next(q for q in protos if describe(q) == label)
                 rows_out.append(_row(fuser, label, p.rate, p.modality, per_seed))
-            if base.external_test and is_store(base.external_test):
-                used = sorted({n for v in tensors.experts.values() for n in v})
-                ext = StoreTensors.from_store(EmbeddingStore.open(base.external_test),
-                                              base.task, used)
+            if base.external_test:
+                spec = load_model(next(iter(sorted((out / fuser / "natural").glob(
+                    "seed_*")))))[0].spec
+                ext = cohort_tensors(EmbeddingStore.open(base.external_test), spec, base.task)
                 erows = torch.arange(ext.n)
                 for label, per_seed in _evaluate_saved(out / fuser / "natural", ext, erows,
-                                                       protos).items():
+                                                       protos, resolve_device(base.device)
+                                                       ).items():
                     p = next(q for q in protos if describe(q) == label)
                     rows_out.append(_row(fuser, label, p.rate, p.modality, per_seed,
                                          split="external"))

@@ -29,13 +29,29 @@ from medmix_core.metrics import best_threshold, compute_metrics, probabilities
 from medmix_core.plugins import get_fuser, get_loss
 
 
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available else cpu; "cuda" without a GPU is an error."""
+def resolve_device(name: str | None = "auto") -> torch.device:
+    """The one rule for ``--device`` in every command: "auto" (the default) -> the first
+    CUDA GPU when torch sees one, else the CPU; "cpu"; "cuda" or "cuda:N".
+
+    Raises:
+        MedmixError: an unknown device name, CUDA without a GPU, or a GPU index that this
+            machine does not have.
+    """
+    name = (name or "auto").strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MedmixError("--device cuda was asked for, but torch sees no CUDA GPU on this "
-                          "machine. Use --device cpu or --device auto.")
+    if name == "cpu":
+        return torch.device("cpu")
+    head, _, index = name.partition(":")
+    if head != "cuda" or (index and not index.isdigit()):
+        raise MedmixError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N (N a GPU "
+                          f"index).")
+    if not torch.cuda.is_available():
+        raise MedmixError(f"--device {name} was asked for, but torch sees no CUDA GPU on this "
+                          f"machine. Use --device cpu or --device auto.")
+    if index and int(index) >= torch.cuda.device_count():
+        raise MedmixError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                          f"GPU(s), indices 0..{torch.cuda.device_count() - 1}.")
     return torch.device(name)
 
 
@@ -46,9 +62,38 @@ def make_spec(tensors: StoreTensors, families: dict[str, list[str]] | None = Non
                       expert_families=families or {})
 
 
+def fuser_option_names(factory: Callable) -> list[str] | None:
+    """The options a fuser factory accepts (its named parameters after ``spec``), or None
+    when it declares none by name and takes anything."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    named = [p.name for p in params[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if not named and any(p.kind == p.VAR_KEYWORD for p in params):
+        return None
+    return named
+
+
+def check_fuser_options(name: str, options: dict[str, Any]) -> None:
+    """Unknown ``--fuser-options`` keys are errors that list the fuser's accepted ones."""
+    accepted = fuser_option_names(get_fuser(name))
+    if accepted is None:
+        return
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        shown = [a for a in accepted if a not in ("d", "dropout")]
+        raise MedmixError(f"--fuser-options {unknown}: not options of fuser {name!r}. It "
+                          f"accepts {shown or 'no options'} (d and dropout have their own "
+                          f"flags).")
+
+
 def build_fuser(cfg: RunConfig, spec: FusionSpec) -> Fuser:
     """Instantiate the configured fuser plugin for ``spec``."""
     factory = get_fuser(cfg.fuser)
+    check_fuser_options(cfg.fuser, cfg.fuser_options)
     options = {"d": cfg.d, "dropout": cfg.dropout, **cfg.fuser_options}
     try:
         model = factory(spec, **options)
@@ -91,17 +136,43 @@ def augment_masks(expert_mask: dict[str, torch.Tensor], modalities: list[str], p
 
 def task_loss(logits: torch.Tensor, batch: Batch, task_type: str,
               pos_weight: torch.Tensor | None) -> torch.Tensor:
-    """Masked task loss: BCE-with-logits (binary, multi-label) or cross-entropy."""
-    keep = batch.label_mask
-    if keep is not None and not bool(keep.all()):
-        if not bool(keep.any()):
-            return logits.sum() * 0.0
-        logits, labels = logits[keep], batch.labels[keep]
-    else:
-        labels = batch.labels
+    """Masked task loss: BCE-with-logits (binary, multi-label) or cross-entropy.
+
+    Unknown labels (NaN; -1 for a class index) add nothing: the loss is the mean over the
+    known (row, label) pairs, and 0 (with a gradient graph) when none is known.
+    """
+    labels = batch.labels
     if task_type == "multiclass":
-        return F.cross_entropy(logits.float(), labels.reshape(-1).long())
-    return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), pos_weight=pos_weight)
+        y = labels.reshape(-1).long()
+        known = y >= 0
+        if not bool(known.any()):
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits.float()[known], y[known])
+    labels = labels.float()
+    known = ~torch.isnan(labels)  # [B, C]
+    if bool(known.all()):
+        return F.binary_cross_entropy_with_logits(logits.float(), labels, pos_weight=pos_weight)
+    if not bool(known.any()):
+        return logits.sum() * 0.0
+    per = F.binary_cross_entropy_with_logits(logits.float(), torch.nan_to_num(labels, nan=0.0),
+                                             pos_weight=pos_weight, reduction="none")
+    return (per * known).sum() / known.sum()
+
+
+def check_trainable(tensors: StoreTensors, splits: dict[str, list[int]]) -> None:
+    """Train and val splits must hold rows with known labels; checked before anything runs.
+
+    Raises:
+        MedmixError: naming the split, its size and how many of its labels are known.
+    """
+    for split in ("train", "val"):
+        rows = torch.as_tensor(splits.get(split, []), dtype=torch.long)
+        known = int(tensors.label_mask[rows].sum()) if len(rows) else 0
+        if known == 0:
+            raise MedmixError(f"The {split} split has {len(rows)} rows and {known} known "
+                              f"labels; training needs known labels in both the train and the "
+                              f"val split. Check the task's labels (NaN marks unknown) or the "
+                              f"store's splits.")
 
 
 @dataclass
@@ -178,10 +249,10 @@ def _pos_weight(tensors: StoreTensors, rows: torch.Tensor, cfg: RunConfig) -> to
         return None
     if cfg.pos_weight is not True:
         return torch.full((tensors.n_outputs,), float(cfg.pos_weight))
-    keep = rows[tensors.label_mask[rows]]
-    y = tensors.labels[keep].float()  # [n, C]
-    pos = y.sum(0)
-    neg = len(y) - pos
+    y = tensors.labels[rows].float()  # [n, C], NaN = unknown
+    known = ~torch.isnan(y)
+    pos = torch.nan_to_num(y, nan=0.0).sum(0)
+    neg = known.sum(0) - pos
     return torch.where(pos > 0, neg / pos.clamp_min(1.0), torch.ones_like(pos))
 
 
@@ -212,9 +283,7 @@ def train_seed(cfg: RunConfig, tensors: StoreTensors, spec: FusionSpec,
     model = build_fuser(cfg, spec).to(device)
     train_rows = torch.as_tensor(splits["train"], dtype=torch.long)
     val_rows = torch.as_tensor(splits["val"], dtype=torch.long)
-    if len(train_rows) == 0 or len(val_rows) == 0:
-        raise MedmixError(f"Training needs non-empty train and val splits; found "
-                          f"{len(train_rows)} train and {len(val_rows)} val rows.")
+    check_trainable(tensors, splits)
 
     losses: dict[nn.Module, float] = {}
     heads = None
@@ -234,7 +303,7 @@ def train_seed(cfg: RunConfig, tensors: StoreTensors, spec: FusionSpec,
     warm = max(1, int(cfg.warmup_epochs * steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     use_scaler = (device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported())
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     pos_weight = _pos_weight(tensors, train_rows, cfg)
     pos_weight = None if pos_weight is None else pos_weight.to(device)
     base_mask = tensors.mask if train_mask is None else train_mask
@@ -268,9 +337,12 @@ def train_seed(cfg: RunConfig, tensors: StoreTensors, spec: FusionSpec,
                     loss = loss + lam * dl
                     tot["distill"] += float(dl.detach()) * len(idx)
             if not torch.isfinite(loss):
-                raise MedmixError(f"Training loss became {float(loss)} at epoch {epoch} (seed "
-                                  f"{seed}). Lower --lr, check the store for extreme values, "
-                                  f"or disable --amp.")
+                raise MedmixError(
+                    f"Training loss became {float(loss.detach())} at epoch {epoch} (seed "
+                    f"{seed}). Lower --lr (now {cfg.lr:g}), check the store for extreme "
+                    f"embedding values (`medmix extract` re-makes a damaged store)"
+                    + (", or turn mixed precision off with `amp: false` in a --config file."
+                       if device.type == "cuda" and cfg.amp else "."))
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)

@@ -132,7 +132,7 @@ def test_dataset_run_defaults_sit_below_files_and_flags(tmp_path, monkeypatch,
 
 def test_predict_on_a_folder_that_is_not_a_run(tmp_path, synth_store_path):
     res = runner.invoke(app, ["predict", str(tmp_path), "--source", str(synth_store_path)])
-    assert res.exit_code == 2 and "holds no trained model" in res.output
+    assert res.exit_code == 2 and "is not a medmix run folder" in res.output
 
 
 def test_profile_command_writes_profile_and_efficiency_table(trained, synth_store_path, tmp_path):

@@ -195,10 +195,11 @@ def test_fuser_has_a_docs_page(name):
 
 # ----------------------------------------------------------------------------- options
 
-def test_unknown_option_is_a_clear_error(stores):
+@pytest.mark.parametrize("name", registry().names("fusers"))
+def test_unknown_option_is_a_clear_error(stores, name):
     tensors, _ = stores["binary"]
-    cfg = RunConfig(fuser="meanavg", fuser_options={"nope": 1})
-    with pytest.raises(MedmixError, match="rejected its options"):
+    cfg = RunConfig(fuser=name, fuser_options={"nope": 1})
+    with pytest.raises(MedmixError, match=f"not options of fuser '{name}'. It accepts"):
         build_fuser(cfg, make_spec(tensors))
 
 

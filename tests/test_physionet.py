@@ -164,15 +164,28 @@ def test_odd_lines_never_crash(tmp_path):
 def test_errors_name_the_problem(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         PhysioNet2012(str(tmp_path / "nowhere")).samples()
-    write_subset(tmp_path / "a", IDS[:3])
-    (tmp_path / "a" / "Outcomes-a.txt").unlink()
-    with pytest.raises(DataError, match="no\\s+Outcomes"):
-        PhysioNet2012(str(tmp_path / "a")).samples()
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no stay files"):
         PhysioNet2012(str(tmp_path / "empty")).samples()
     with pytest.raises(DataError, match="unknown option"):
         PhysioNet2012(None, horizon=24)
+
+
+@pytest.mark.parametrize("outcomes", ["absent", "header only"])
+def test_new_patients_need_no_outcomes(tmp_path, outcomes):
+    d = write_subset(tmp_path / "a", IDS[:3])
+    if outcomes == "absent":
+        (d / "Outcomes-a.txt").unlink()
+    else:
+        header = (d / "Outcomes-a.txt").read_text().splitlines()[0]
+        (d / "Outcomes-a.txt").write_text(header + "\n")
+    ds = PhysioNet2012(str(d))
+    samples = ds.samples()
+    assert len(samples) == 3 and all(s.modalities["static"] is not None for s in samples)
+    assert all(np.isnan(s.labels["mortality"]) and np.isnan(s.labels["los7"]) for s in samples)
+    rep = ds.report()
+    assert rep["labels"]["mortality"] == {"positive": 0, "unknown": 3}
+    assert "every label is unknown" in rep["outcomes"]
 
 
 def test_ids_that_do_not_match_outcomes(tmp_path):

@@ -11,6 +11,7 @@ import torch
 
 from medmix_core import EmbeddingStore, StoreWriter
 from medmix_core.errors import StoreError
+from medmix_core.files import sha256_file
 
 
 @pytest.fixture()
@@ -143,6 +144,7 @@ def test_nan_in_a_present_row_is_reported_with_the_file(store):
     save_file(t, str(shard))
     man = _manifest(store)
     man["experts"]["mod0"][0]["shards"][0]["bytes"] = shard.stat().st_size
+    man["experts"]["mod0"][0]["shards"][0]["sha256"] = sha256_file(shard)  # a valid record
     (store / "manifest.json").write_text(json.dumps(man))
     st = EmbeddingStore.open(store)
     with pytest.raises(StoreError, match="1 present rows hold NaN or Inf"):

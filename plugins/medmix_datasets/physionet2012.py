@@ -506,9 +506,11 @@ class PhysioNet2012(Dataset):
             self._sha = digest.hexdigest()
         if not records:
             raise DataError(f"{self.path}: found no stay files; expected {_LAYOUT}.")
+        self._has_outcomes = bool(outcomes)
         if not outcomes:
-            raise DataError(f"{self.path}: found {len(records)} stay files but no "
-                            f"Outcomes-*.txt; expected {_LAYOUT}.")
+            # new patients: no outcomes yet (no file, or a header-only one); every label is
+            # unknown, which training refuses and prediction does not need
+            return records, outcomes
         only_rec = sorted(set(records) - set(outcomes))
         only_out = sorted(set(outcomes) - set(records))
         if only_rec or only_out:
@@ -579,7 +581,7 @@ class PhysioNet2012(Dataset):
                 spans = list(zip(first[g][i], past[g][i]))
                 mods[g] = TimeSeriesData(list(variables), [tt[a:b] for a, b in spans],
                                          [vt[a:b] for a, b in spans], HORIZON)
-            samples.append(self._sample(rid, records[rid][0], mods, outcomes[rid], row))
+            samples.append(self._sample(rid, records[rid][0], mods, outcomes.get(rid, {}), row))
         return samples
 
     @staticmethod
@@ -628,7 +630,11 @@ class PhysioNet2012(Dataset):
                    "repeated_descriptor": int(c.repeated_descriptor[j])}
             if any(row.values()):
                 dropped[var] = row
-        return {"n_stays": len(samples), "labels": labels, "dropped_values": dropped,
+        return {"n_stays": len(samples), "labels": labels,
+                "outcomes": ("read" if getattr(self, "_has_outcomes", True) else
+                             "none (no Outcomes-*.txt, or one with a header only): every "
+                             "label is unknown"),
+                "dropped_values": dropped,
                 "plausible_ranges": {k: list(v) for k, v in PLAUSIBLE.items()},
                 "unknown_parameters": dict(sorted(c.unknown_parameters.items())),
                 "malformed_lines": c.malformed_lines,

