@@ -34,6 +34,7 @@ from medmix_core.types import (
     ImageData,
     ModalitySpec,
     Sample,
+    SlideData,
     TabularData,
     TaskSpec,
     TextData,
@@ -49,6 +50,6 @@ __all__ = [
     "UnknownPluginError", "WeightsNotFoundError", "ExpertEncoder", "Teacher", "MASK_SCORE",
     "ExpertProjector", "FusionModel", "FusionOutput", "FusionSpec", "Fuser", "InterFuser",
     "IntraFuser", "masked_softmax", "project_experts", "hookimpl", "EmbeddingStore",
-    "StoreWriter", "ImageData", "ModalitySpec", "Sample", "TabularData", "TaskSpec",
+    "StoreWriter", "ImageData", "ModalitySpec", "Sample", "SlideData", "TabularData", "TaskSpec",
     "TextData", "TimeSeriesData", "VolumeData", "__version__",
 ]

@@ -73,6 +73,26 @@ def parse_expert_options(items: list[str] | None) -> dict[str, dict[str, Any]] |
         out.setdefault(name, {})[opt] = value
     return out
 
+def parse_dataset_options(items: list[str] | None) -> dict[str, Any] | None:
+    """``["split_seed=3", "mesh=major+automatic"]`` -> dict (JSON values, else strings)."""
+    if not items:
+        return None
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise MedmixError(f"--dataset-option {item!r}: expected KEY=VALUE, e.g. "
+                              f"split_seed=3 (see the dataset's page for its options).")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+DATASET_OPTION_HELP = ("Option of the dataset plugin, KEY=VALUE (repeatable), e.g. "
+                       "split_seed=3; unknown keys are the dataset's errors.")
+
 EXPERT_OPTION_HELP = ("Option for one expert's constructor, EXPERT.OPTION=VALUE (repeatable), "
                       "e.g. biomedclip.model_path=/models/biomedclip.")
 
@@ -130,6 +150,7 @@ def _dataset_run_defaults(values: dict[str, Any]) -> dict[str, Any]:
 def run(
     dataset: str | None = typer.Option(None, help="Dataset plugin (default physionet2012, bundled)."),
     source: str | None = typer.Option(None, help="Raw data path for the dataset (default: bundled)."),
+    dataset_option: list[str] | None = typer.Option(None, help=DATASET_OPTION_HELP),
     spec: str | None = typer.Option(None, help="Cohort spec (YAML/JSON) for the manifest dataset; implies --dataset manifest."),
     store: str | None = typer.Option(None, help="Embedding store folder (default stores/<dataset>)."),
     fuser: str | None = typer.Option(None, help="Fuser plugin, or several comma-separated for a comparison table (default medmix)."),
@@ -174,6 +195,7 @@ def run(
             dataset = dataset or "manifest"
             source = source or str(Path(spec).resolve())
         flags = dict(dataset=dataset, source=source, store=store, experts=_csv(experts),
+                     dataset_options=parse_dataset_options(dataset_option),
                      drop_experts=_csv(drop_experts),
                      expert_options=parse_expert_options(expert_option), teacher=teacher, distill=distill, task=task,
                      seeds=seeds, epochs=epochs, patience=patience, lr=lr, batch_size=batch_size,
@@ -219,6 +241,7 @@ def extract(
     expert_option: list[str] | None = typer.Option(None, help=EXPERT_OPTION_HELP),
     teacher_rows: str = typer.Option("train", help="Rows a teacher encodes: train (default; teachers are training-only) or all."),
     split_seed: int | None = typer.Option(None, help="Seed of the dataset's stratified train/val/test split."),
+    dataset_option: list[str] | None = typer.Option(None, help=DATASET_OPTION_HELP),
     all_rows_split: str | None = typer.Option(None, help="Put every row in this split (train, val or test), e.g. test for a cohort only predicted on."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store in --out that was made from other data."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar per expert."),
@@ -233,8 +256,8 @@ def extract(
                         fit_from=fit_from,
                         expert_options=parse_expert_options(expert_option),
                         teacher_rows=teacher_rows, overwrite=overwrite,
-                        dataset_options={"split_seed": split_seed} if split_seed is not None
-                        else None, progress=progress, all_rows_split=all_rows_split)
+                        dataset_options=_dataset_options(dataset_option, split_seed),
+                        progress=progress, all_rows_split=all_rows_split)
         typer.echo(f"Store {st.path}: {st.n_samples} samples, tasks "
                    f"{[t.name for t in st.tasks]}, splits "
                    f"{ {k: len(v) for k, v in st.splits.items()} }")
@@ -243,6 +266,13 @@ def extract(
             typer.echo(f"  {m:<12} {r * 100:6.2f} %")
     except (MedmixError, OSError) as exc:
         _fail(exc)
+
+
+def _dataset_options(items: list[str] | None, split_seed: int | None) -> dict | None:
+    opts = parse_dataset_options(items) or {}
+    if split_seed is not None:
+        opts["split_seed"] = split_seed
+    return opts or None
 
 
 @app.command()
@@ -311,6 +341,7 @@ def sweep(
     patience: int | None = typer.Option(None, help="Early-stopping patience."),
     dataset: str | None = typer.Option(None, help="Dataset plugin."),
     source: str | None = typer.Option(None, help="Raw data path."),
+    dataset_option: list[str] | None = typer.Option(None, help=DATASET_OPTION_HELP),
     store: str | None = typer.Option(None, help="Embedding store folder."),
     experts: str | None = typer.Option(None, help="Comma-separated experts."),
     teacher: str | None = typer.Option(None, help="Teacher for distillation."),
@@ -325,6 +356,7 @@ def sweep(
 
         base = build_config(config, dict(
             seeds=seeds, epochs=epochs, patience=patience, dataset=dataset, source=source,
+            dataset_options=parse_dataset_options(dataset_option),
             store=store, experts=_csv(experts), teacher=teacher, task=task, device=device,
             external_test=external_test))
         rows = do_sweep(base, protocol, parse_rates(rates), _csv(fuser) or ["medmix"], out,

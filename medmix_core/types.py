@@ -11,7 +11,7 @@ from typing import Any, Literal, Union
 
 import numpy as np
 
-ModalityKind = Literal["tabular", "timeseries", "text", "image", "volume"]
+ModalityKind = Literal["tabular", "timeseries", "text", "image", "volume", "slide"]
 TaskType = Literal["binary", "multilabel", "multiclass"]
 
 
@@ -72,7 +72,20 @@ class VolumeData:
     kind: str = field(default="volume", init=False)
 
 
-Payload = Union[TabularData, TimeSeriesData, TextData, ImageData, VolumeData]
+@dataclass
+class SlideData:
+    """Whole-slide images of one sample: paths of pyramidal slide files (.svs, .tiff, ...).
+
+    A kind of its own, so that image experts, which load a picture whole, never open a
+    gigapixel slide; slide experts tile it.
+    """
+
+    paths: list[str]
+
+    kind: str = field(default="slide", init=False)
+
+
+Payload = Union[TabularData, TimeSeriesData, TextData, ImageData, VolumeData, SlideData]
 
 
 @dataclass

@@ -14,6 +14,7 @@ from medmix_core import (
     ExpertEncoder,
     ImageData,
     ModalitySpec,
+    SlideData,
     TextData,
     VolumeData,
 )
@@ -51,8 +52,32 @@ def icu_payloads(tmp_path_factory):
     return out
 
 
+def _slide(folder: Path) -> Path | None:
+    """A small tiled pyramidal TIFF with a pixel size (0.25 um), or None without tifffile."""
+    try:
+        import tifffile
+    except ImportError:
+        return None
+    path = folder / "slide.tiff"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(1)
+        a = np.full((512, 512, 3), 235, np.uint8)  # background
+        a[96:416, 96:416] = rng.integers(60, 200, (320, 320, 3), dtype=np.uint8)  # tissue
+        with tifffile.TiffWriter(path) as tw:
+            for k, f in enumerate((1, 2)):
+                level = a[::f, ::f]
+                tw.write(level, tile=(64, 64), photometric="rgb", resolutionunit="CENTIMETER",
+                         resolution=(1e4 / (0.25 * f), 1e4 / (0.25 * f)),
+                         subifds=1 if k == 0 else None, subfiletype=1 if k else 0)
+    return path
+
+
 def _other_payloads():
+    import tempfile
+
     rng = np.random.default_rng(0)
+    slide = _slide(Path(tempfile.gettempdir()) / "medmix-test-slide")
     return {
         "text": (ModalitySpec("note", "text"),
                  [TextData("Patient admitted with sepsis; lactate rising, on norepinephrine."),
@@ -62,6 +87,8 @@ def _other_payloads():
         "volume": (ModalitySpec("ct", "volume"),
                    [VolumeData(rng.uniform(-1000, 400, size=(12, 48, 48)).astype(np.float32))
                     for _ in range(2)]),
+        **({"slide": (ModalitySpec("wsi", "slide"), [SlideData([str(slide)])] * 2)}
+           if slide is not None else {}),
     }
 
 
