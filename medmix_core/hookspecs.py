@@ -44,5 +44,11 @@ def register_datasets(register):
 
 
 @hookspec
+def register_bridges(register):
+    """Register Bridge classes (a modality's input -> generated text, e.g. a chest X-ray ->
+    a draft report): ``register(name, bridge_class)``."""
+
+
+@hookspec
 def register_commands(app):
     """Add sub-commands to the ``medmix`` Typer app."""

@@ -16,7 +16,6 @@ import difflib
 import importlib.metadata as md
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,9 +24,9 @@ import pluggy
 from medmix_core import hookspecs
 from medmix_core.errors import DuplicatePluginError, UnknownPluginError
 
-KINDS = ("experts", "teachers", "fusers", "losses", "datasets")
+KINDS = ("experts", "teachers", "fusers", "losses", "datasets", "bridges")
 _SINGULAR = {"experts": "expert", "teachers": "teacher", "fusers": "fuser",
-             "losses": "distillation loss", "datasets": "dataset"}
+             "losses": "distillation loss", "datasets": "dataset", "bridges": "bridge"}
 
 _pm: pluggy.PluginManager | None = None
 _load_errors: dict[str, str] = {}
@@ -103,11 +102,18 @@ def load_errors() -> dict[str, str]:
 
 
 def _collect(pm: pluggy.PluginManager) -> Registry:
+    """Call every ``register_<kind>`` hook through pluggy, one plugin at a time (a subset
+    hook caller), so tracing sees each call and each name is credited to its plugin."""
     reg = Registry()
+    plugins = [(name, p) for name, p in pm.list_name_plugin() if p is not None]
     for kind in KINDS:
-        hook = getattr(pm.hook, f"register_{kind}")
-        for impl in hook.get_hookimpls():
-            def register(name: str, obj: Any, _kind=kind, _plugin=impl.plugin_name) -> None:
+        hook_name = f"register_{kind}"
+        implementers = {impl.plugin_name for impl in getattr(pm.hook, hook_name).get_hookimpls()}
+        for plugin_name, _plugin in plugins:
+            if plugin_name not in implementers:
+                continue
+
+            def register(name: str, obj: Any, _kind=kind, _plugin=plugin_name) -> None:
                 table = reg.entries[_kind]
                 if name in table:
                     raise DuplicatePluginError(
@@ -117,7 +123,8 @@ def _collect(pm: pluggy.PluginManager) -> Registry:
                     )
                 table[name] = Entry(_kind, name, obj, _plugin)
 
-            impl.function(register=register)
+            others = [p for n, p in plugins if n != plugin_name]
+            pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register)
     return reg
 
 
@@ -139,8 +146,11 @@ def get_teacher(name: str):
     return registry().get("teachers", name)
 
 
-def get_fuser(name: str) -> Callable:
-    return registry().get("fusers", name)
+def get_fuser(name: str):
+    """The fuser registered as ``name``, as a :class:`~medmix_core.fusion.FuserPlugin`."""
+    from medmix_core.fusion import FuserPlugin
+
+    return FuserPlugin.of(registry().get("fusers", name))
 
 
 def get_loss(name: str):
@@ -149,6 +159,10 @@ def get_loss(name: str):
 
 def get_dataset(name: str):
     return registry().get("datasets", name)
+
+
+def get_bridge(name: str):
+    return registry().get("bridges", name)
 
 
 def get_any_encoder(name: str):

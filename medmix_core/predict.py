@@ -84,6 +84,13 @@ def predict(run_dir: str | Path, source: str, out: str | Path | None = None,
         shutil.rmtree(workdir, ignore_errors=True)
     probs = torch.stack([p["probs"] for p in preds])  # [S, N, C]
     mean = probs.mean(0)  # [N, C]
+    from medmix_core.clinical import apply_calibration, load_calibration
+
+    calib = load_calibration(run.path)
+    if calib is not None:  # chosen with `medmix report --recalibrate`; per-seed columns stay raw
+        mean = apply_calibration(mean, calib)
+        log(f"Applied the run's {calib.get('method', 'fitted')} recalibration to the prob "
+            f"column.")
     mw = [p["modality_weights"] for p in preds if "modality_weights" in p]
     rw = [p["router_weights"] for p in preds if "router_weights" in p]
     buf = io.StringIO()

@@ -102,7 +102,7 @@ def default_committee(cfg: RunConfig, factory: Any, log=print) -> RunConfig:
     ds_cls = get_dataset(cfg.dataset)
     if not getattr(ds_cls, "committee", ()) or cfg.source or cfg.dataset_options:
         return cfg
-    reads_teacher = bool(getattr(factory, "uses_teacher_at_inference", False))
+    reads_teacher = factory.reads_teacher
     if reads_teacher and not cfg.teacher:
         # its teacher must cover every row, which is a deliberate extraction
         raise MedmixError(f"Fuser {cfg.fuser!r} reads teacher embeddings at inference; name "
@@ -357,7 +357,7 @@ def _check_out_vs_store(out: Path, store_path: Path) -> None:
                              f"a results folder and a store must be separate folders.")
 
 
-def run(cfg: RunConfig, log=print, overwrite: bool = False) -> dict[str, Any]:
+def run(cfg: RunConfig, log=print, overwrite: bool = False, tracker=None) -> dict[str, Any]:
     """Train and evaluate ``cfg.fuser`` for every seed; write the results folder.
 
     Args:
@@ -365,6 +365,8 @@ def run(cfg: RunConfig, log=print, overwrite: bool = False) -> dict[str, Any]:
         log: where progress lines go.
         overwrite: replace a run already in ``cfg.out`` (cleared first); without it an
             occupied folder is refused.
+        tracker: a :class:`medmix_core.tracking.Tracker` that receives the config, every
+            epoch's record, the final metrics and the run's files; None logs nowhere.
     Returns:
         the metrics dict written to metrics.json (with "out").
     """
@@ -382,7 +384,7 @@ def run(cfg: RunConfig, log=print, overwrite: bool = False) -> dict[str, Any]:
         cfg = default_committee(cfg, factory, log)
     store = ensure_store(cfg, log)
     _check_out_vs_store(out, store.path)
-    fuser_cls_needs_teacher = bool(getattr(factory, "uses_teacher_at_inference", False))
+    fuser_cls_needs_teacher = factory.reads_teacher
     if fuser_cls_needs_teacher and cfg.distill is None:
         cfg = cfg.model_copy(update={"distill": False})  # its teacher is an input, not a target
     teacher_needed = cfg.distill_on or fuser_cls_needs_teacher
@@ -411,7 +413,8 @@ def run(cfg: RunConfig, log=print, overwrite: bool = False) -> dict[str, Any]:
     used = []
     for m in spec.modalities:
         used += [n for n in spec.experts[m] if n not in used]
-    resolved = cfg.model_copy(update={"store": str(store.path), "experts": used,
+    # absolute, so report, predict and export find the store from any folder
+    resolved = cfg.model_copy(update={"store": str(store.path.resolve()), "experts": used,
                                       "out": str(out)})
     test_labels = tensors.labels[test_rows]
     ext_store = ext_tensors = None
@@ -425,11 +428,20 @@ def run(cfg: RunConfig, log=print, overwrite: bool = False) -> dict[str, Any]:
     try:
         folder.write_text("config.json", resolved.model_dump_json(indent=1))
         _copy_encoders(store, tensors, out)
+        if tracker is not None:
+            tracker.open(out, json.loads(resolved.model_dump_json()))
         metrics = _train_and_evaluate(cfg, factory, store, tensors, spec, folder, device,
                                       test_rows, test_labels, ext_store, ext_tensors,
-                                      resolved, teacher_needed, log)
+                                      resolved, teacher_needed, log, tracker)
+        if tracker is not None:
+            from medmix_core.tracking import run_files
+
+            tracker.log_final(metrics, run_files(out))
+            tracker.close()
         folder.finish()
     except BaseException as exc:
+        if tracker is not None:
+            tracker.close("FAILED")
         folder.abort(exc)
         raise
     metrics["out"] = str(out)
@@ -438,21 +450,23 @@ def run(cfg: RunConfig, log=print, overwrite: bool = False) -> dict[str, Any]:
 
 def _train_and_evaluate(cfg, factory, store, tensors, spec, folder: RunFolder, device,
                         test_rows, test_labels, ext_store, ext_tensors, resolved,
-                        teacher_needed, log) -> dict[str, Any]:
+                        teacher_needed, log, tracker=None) -> dict[str, Any]:
     """Every seed of a started run folder: train, evaluate, save; then metrics and
     predictions."""
     out = folder.path
     selection = None
-    candidates = getattr(factory, "candidates", None)
-    if candidates is not None and not cfg.fuser_options:
-        cfg, selection = select_on_validation(cfg, tensors, spec, store, candidates(spec), log)
+    if factory.candidates is not None and not cfg.fuser_options:
+        cfg, selection = select_on_validation(cfg, tensors, spec, store,
+                                              factory.candidates(spec), log)
 
     per_seed, ext_per_seed, probs, weights, seeds_info, ext_probs = [], [], [], [], [], []
     for seed in cfg.seeds:
         train_mask, eval_mask = _protocol_masks(cfg, tensors, store, seed)
         log(f"seed {seed}: training {cfg.fuser} on {len(store.splits['train'])} samples, "
             f"{len(spec.modalities)} modalities, experts {sorted(set(resolved.experts))}")
-        res = train_seed(cfg, tensors, spec, store.splits, seed, train_mask, eval_mask)
+        on_epoch = None if tracker is None else (lambda rec, s=seed: tracker.log_epoch(s, rec))
+        res = train_seed(cfg, tensors, spec, store.splits, seed, train_mask, eval_mask,
+                         on_epoch=on_epoch)
         model = res.model.to(device)
         pred = predict_rows(model, tensors, test_rows, device, mask=eval_mask)
         m = compute_metrics(pred["probs"], test_labels, tensors.task_type, res.threshold)

@@ -217,6 +217,30 @@ class EmbeddingStore:
         if len(set(self.sample_ids)) != n:
             raise StoreError(f"{self.path / 'manifest.json'}: sample ids are not unique.")
         where = self.path / "manifest.json"
+        names = [m.name for m in self.modalities]
+        for m in self.modalities:
+            if not isinstance(m.name, str) or not m.name or not isinstance(m.kind, str) \
+                    or not isinstance(m.variables, list) or not isinstance(m.units, dict):
+                raise StoreError(f"{where}: modality {m.name!r} is malformed (expected a name, "
+                                 f"a kind, a list of variables and a dict of units).")
+        if len(set(names)) != len(names):
+            raise StoreError(f"{where}: modality names repeat: {names}.")
+        for key, table in (("experts", self.experts), ("teachers", self.teachers)):
+            stray = [m for m in table if m not in names]
+            if stray:
+                raise StoreError(f"{where}: {key} are listed for modalities {stray}, which are "
+                                 f"not among the store's modalities {names}.")
+        if not self.tasks:
+            raise StoreError(f"{where}: the store declares no task.")
+        for t in self.tasks:
+            ok = (isinstance(t.name, str) and t.name and t.type in ("binary", "multilabel",
+                                                                    "multiclass")
+                  and isinstance(t.classes, list) and all(isinstance(c, str) for c in t.classes)
+                  and (t.type == "binary" or len(t.classes) >= 2))
+            if not ok:
+                raise StoreError(f"{where}: task {t.name!r} is malformed (expected a name, a "
+                                 f"type binary/multilabel/multiclass and, unless binary, at "
+                                 f"least two class names).")
         if not isinstance(self.splits, dict) or not all(
                 isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool)
                                             for i in v) for v in self.splits.values()):

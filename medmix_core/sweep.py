@@ -119,7 +119,7 @@ def _sweep(base: RunConfig, protocol: str, rates: list[float], fusers: list[str]
             metrics = run(cfg, log)
             from medmix_core.plugins import get_fuser
 
-            needs = bool(getattr(get_fuser(fuser), "uses_teacher_at_inference", False))
+            needs = get_fuser(fuser).reads_teacher
             tensors = load_tensors(cfg, store, teacher_needed=needs)
             rows = torch.as_tensor(store.splits["test"], dtype=torch.long)
             rows_out.append(_row(fuser, "natural", 0.0, None, metrics["per_seed"]))

@@ -1,9 +1,12 @@
 """Training and evaluation of one fuser for one seed.
 
-AdamW with two parameter groups (router at ``router_lr_scale`` x base), linear warm-up,
-gradient-norm clipping, mixed precision on CUDA (bf16 where supported, else fp16 with a
-grad scaler; off on CPU), early stopping on validation task loss with the best-validation
-weights restored before testing. Class imbalance: with ``pos_weight=True`` the binary /
+:class:`TrainStep` is the one definition of a training step: AdamW with three parameter
+groups (router at ``router_lr_scale`` x base), linear warm-up, gradient-norm clipping,
+mixed precision on CUDA (bf16 where supported, else fp16 with a grad scaler; off on CPU),
+teacher heads and distillation losses, training-time mask augmentation. :func:`train_seed`
+runs it over epochs with early stopping on validation task loss and restores the
+best-validation weights before testing; ``medmix profile`` times the same object, so what
+is profiled is what trains. Class imbalance: with ``pos_weight=True`` the binary /
 multi-label BCE weighs positives by n_neg / n_pos of the training split (per label).
 """
 
@@ -67,6 +70,7 @@ def fuser_option_names(factory: Callable) -> list[str] | None:
     when it declares none by name and takes anything."""
     import inspect
 
+    factory = getattr(factory, "build", factory)  # a FuserPlugin: its builder
     try:
         params = list(inspect.signature(factory).parameters.values())
     except (TypeError, ValueError):

@@ -140,7 +140,9 @@ def _world(n_filler: int, seed: int) -> dict:
     chart(10000001, 20000001, 30000001, tin + h(2), 223761, 98.6, uom="°F")
     chart(10000001, 20000001, 30000001, tin + h(3), 220045, 0, uom="bpm")  # implausible
     chart(10000001, 20000001, 30000001, tin + h(50), 220045, 90, uom="bpm")  # after 48 h
-    chart(10000001, 20000001, 30000001, tin + h(4), 223900, "No Response-ETT", 1)
+    chart(10000001, 20000001, 30000001, tin + h(4), 223900, "No Response-ETT", 1)  # no score
+    chart(10000001, 20000001, 30000001, tin + h(7), 223900, "Confused", 4)
+    chart(10000001, 20000001, 30000001, tin + h(8), 225309, 131, uom="mmHg")  # ART BP
     chart(10000001, 20000001, 30000001, tin + h(5), 220277, "___", "", uom="%")
     chart(10000001, 20000001, 30000001, tin + h(6), 223835, 40, uom="%")  # FiO2 -> 0.40
     lab(10000001, 20000001, tin + h(5), 50912, 1.2)
@@ -368,6 +370,9 @@ def write_mimic3(root: str | Path, n_filler: int = 30, seed: int = 1,
     chart(1, 100001, 200001, tin + h(2), 678, 98.6, uom="Deg. F")
     chart(1, 100001, 200001, tin + h(3), 211, 250, error=1, uom="BPM")  # ERROR = 1
     chart(1, 100001, "", tin + h(6), 211, 84, uom="BPM")  # no ICUSTAY_ID: by time
+    chart(1, 100001, 200001, tin + h(4), 723, "1.0 ET/Trach", 1)  # intubated: no score
+    chart(1, 100001, 200001, tin + h(8), 723, "4 Confused", 4)
+    chart(1, 100001, 200001, tin + h(9), 3422, 50, uom="%")  # FIO2 [Meas] -> 0.5
     lab(1, 100001, tin + h(5), 50912, 2.1)
     note(1, 100001, tin + h(10), "Radiology", "CHEST (PORTABLE AP): effusion.")
     note(1, 100001, tin + h(5), "Nursing", "Pt sedated, on pressors.")

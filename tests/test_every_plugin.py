@@ -29,13 +29,6 @@ DATASETS = REG.names("datasets")
 CXR = sorted((Path(__file__).parent / "fixtures" / "cxr").glob("*.jpeg"))
 
 
-def test_the_parametrized_lists_cover_the_whole_registry():
-    reg = registry()
-    assert EXPERTS == reg.names("experts") and TEACHERS == reg.names("teachers")
-    assert LOSSES == reg.names("losses") and DATASETS == reg.names("datasets")
-    assert EXPERTS and LOSSES and DATASETS
-
-
 @pytest.fixture(scope="module")
 def icu_payloads(tmp_path_factory):
     """Modality spec -> payloads of 6 real PhysioNet stays (present ones only)."""
@@ -106,7 +99,7 @@ def test_every_encoder_encodes_real_inputs_or_explains_absent_weights(name, icu_
         enc = cls()
     except WeightsNotFoundError as err:
         _assert_helpful(err)
-        return
+        pytest.skip(f"{name}: weights absent here ({str(err).splitlines()[0][:120]})")
     candidates = list(icu_payloads.values()) + list(_other_payloads().values())
     spec, payloads = next(((s, p) for s, p in candidates if enc.accepts(s)), (None, None))
     assert spec is not None, f"{name}: no test input for kinds {cls.kinds}"
@@ -116,7 +109,7 @@ def test_every_encoder_encodes_real_inputs_or_explains_absent_weights(name, icu_
         a = enc.encode(spec, payloads)
     except WeightsNotFoundError as err:
         _assert_helpful(err)
-        return
+        pytest.skip(f"{name}: weights absent here ({str(err).splitlines()[0][:120]})")
     assert a.shape == (len(payloads), enc.dim(spec))
     assert a.dtype == np.float32 and np.isfinite(a).all()
     assert np.array_equal(a, enc.encode(spec, payloads)), "encoding must be deterministic"

@@ -182,7 +182,7 @@ def test_training_other_tasks(name, task, stores):
 
 @pytest.mark.parametrize("name", FUSERS)
 def test_factory_is_documented(name):
-    doc = get_fuser(name).__doc__ or ""
+    doc = get_fuser(name).doc
     assert len(doc.strip()) > 20, f"fuser {name!r} has no docstring"
 
 

@@ -116,12 +116,14 @@ def test_variables_are_converted_cleaned_and_windowed(iv):
     t, v = _series(s, "temperature")
     assert t == [2.0] and v[0] == pytest.approx(37.0)  # 98.6 degF
     assert _series(s, "fio2") == ([6.0], [0.4])  # 40 %
-    assert _series(s, "gcs_verbal") == ([4.0], [1.0])  # "No Response-ETT", valuenum 1
+    assert _series(s, "gcs_verbal") == ([7.0], [4.0])  # "No Response-ETT" is not a score
+    assert _series(s, "sbp_art") == ([8.0], [131.0])  # 225309 "ART BP Systolic"
     assert _series(s, "creatinine") == ([5.0], [1.2])  # the pre-ICU draw is outside
     assert _series(s, "spo2") == ([], [])
     var = iv[1].report()["variables"]
     assert var["heart_rate"]["implausible"] == 1 and var["heart_rate"]["outside_window"] == 1
     assert var["spo2"]["non_numeric"] == 1 and var["creatinine"]["outside_window"] == 1
+    assert var["gcs_verbal"]["not_assessable"] == 1 and var["gcs_verbal"]["kept"] >= 1
     assert s.modalities["ehr"].horizon == 48.0
 
 
@@ -143,6 +145,35 @@ def test_the_variable_table_has_46_distinct_itemids():
         assert len(ids) == len(set(ids)), table
     assert all(v.chart_iv or v.lab for v in mx.VARIABLES)
     assert all(bool(v.chart_iv) == bool(v.carevue) for v in mx.VARIABLES)
+
+
+@pytest.mark.parametrize("database", list(mx.DATABASES))
+def test_every_variable_has_itemids_in_each_database_it_claims(database):
+    # a variable claimed for MIMIC-III CareVue with only MetaVision ids would be empty for
+    # every default (era="carevue") stay, silently
+    claimed = [v for v in mx.VARIABLES if database in v.databases]
+    assert len(claimed) == 46
+    empty = [v.name for v in claimed if not mx.itemids(v, database)]
+    assert not empty, f"{database}: variables without any itemid: {empty}"
+    assert all(set(v.databases) <= set(mx.DATABASES) for v in mx.VARIABLES)
+    # the check can fail: a charted variable without CareVue ids has none there
+    only_iv = mx.Variable("x", "u", 0, 1, "vital", chart_iv=(220045,))
+    assert mx.itemids(only_iv, "mimic_iii_carevue") == ()
+    assert mx.itemids(only_iv, "mimic_iv") == (220045,)
+
+
+def test_every_variable_names_its_sources_and_no_rule_is_stale():
+    for v in mx.VARIABLES:
+        assert v.verified, f"{v.name} names no source it was verified against"
+        assert set(v.verified) <= set(mx.SOURCES), v.name
+    known = {i for v in mx.VARIABLES for i in v.chart_iv + v.carevue + v.lab}
+    # a conversion of an itemid no variable reads is the trace of a removed itemid
+    assert set(mx.CONVERSIONS) <= known and set(mx.NOT_ASSESSABLE) <= known
+    assert 3581 not in known  # "Present Weight (lb)": the pound part of a lb + oz pair
+    items = mx.item_map(list(mx.VARIABLES), "iii")
+    assert items["723"][2] == "1.0 ET/Trach" and items["3422"][1](50.0) == 0.5
+    assert items["678"][1](212.0) == pytest.approx(100.0)  # degF -> degC
+    assert items["920"][1](70.0) == pytest.approx(177.8)  # inch -> cm
 
 
 # ----------------------------------------------------------------------------- linking
@@ -304,10 +335,13 @@ def test_mimic3_cohort_variables_and_notes(iii, tmp_path):
     assert s.meta["age_band"] == "80+" and s.meta["age"] == 90.0 and s.meta["era"] == "carevue"
     assert _series(s, "heart_rate") == ([1.0, 6.0], [80.0, 84.0])  # ERROR=1 row dropped
     assert _series(s, "temperature")[1][0] == pytest.approx(37.0)
+    assert _series(s, "gcs_verbal") == ([8.0], [4.0])  # "1.0 ET/Trach" is not a score
+    assert _series(s, "fio2") == ([9.0], [0.5])  # 3422 "FIO2 [Meas]", 50 %
     assert s.modalities["radiology_note"].text == "CHEST (PORTABLE AP): effusion."
     assert s.modalities["clinical_note"].text == "Pt sedated, on pressors."
     rep = ds.report()
     assert rep["variables"]["heart_rate"]["error_flag"] == 1
+    assert rep["variables"]["gcs_verbal"]["not_assessable"] == 1
     assert rep["cohort"]["excluded"]["era_overlaps_mimic_iv"] == 1
     assert rep["notes"]["clinical_note"] == {"linked": 16, "iserror": 1,
                                              "discharge_summary_excluded": 1}
@@ -367,10 +401,6 @@ def test_train_on_mimic4mm_and_test_externally_on_mimic3(layout, tmp_path):
 
 @pytest.mark.slow
 def test_external_test_read_by_the_mimic3_plugin(tmp_path, monkeypatch):
-    from medmix_core.config import RunConfig
-
-    if "external_dataset" not in RunConfig.model_fields:
-        pytest.skip("this core has no external_dataset setting")
     monkeypatch.setenv("MEDMIX_CACHE_DIR", str(tmp_path / "medmix-cache"))
     src = write_mimic4(tmp_path / "iv", "3.1", n_filler=76)
     m3 = write_mimic3(tmp_path / "iii")
@@ -394,13 +424,24 @@ def test_the_docs_variable_table_is_the_code_table():
 
     page = (Path(__file__).parents[1] / "docs" / "data" / "mimic4mm.md").read_text("utf-8")
     cell = r" \| ([^|]+)"
-    rows = re.findall(r"^\| (\d+) \| `(\w+)`" + cell + r" \| [^|]+" + cell * 3 + r" \|$", page,
+    rows = re.findall(r"^\| (\d+) \| `(\w+)`" + cell * 2 + cell * 3 + cell + r" \|$", page,
                       flags=re.MULTILINE)
     assert [r[1] for r in rows] == [v.name for v in mx.VARIABLES]
 
     def ids(cell):
         return tuple(int(x) for x in re.findall(r"\b(\d{2,6})\b(?![^(]*\))", cell))
 
-    for (_, name, unit, iv_ids, cv_ids, lab_ids), v in zip(rows, mx.VARIABLES):
+    def num(x):
+        return float(x.strip().replace("\u2212", "-"))
+
+    for (_, name, unit, rng, iv_ids, cv_ids, lab_ids, verified), v in zip(rows, mx.VARIABLES):
         assert unit.strip() == v.unit, name
+        lo, hi = rng.split(" \u2013 ")
+        assert (num(lo), num(hi)) == (v.low, v.high), name
         assert (ids(iv_ids), ids(cv_ids), ids(lab_ids)) == (v.chart_iv, v.carevue, v.lab), name
+        assert tuple(re.findall(r"[\w-]+", verified)) == v.verified, name
+    # the legend of the source keys names the repository and path of each
+    for key, where in mx.SOURCES.items():
+        repo, path = where.split(" ", 1)
+        assert re.search(rf"^\| `{key}` \| {re.escape(repo)} \| `{re.escape(path)}` \|", page,
+                         flags=re.MULTILINE), key

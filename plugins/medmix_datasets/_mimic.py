@@ -1,11 +1,12 @@
 """Code shared by the ``mimic4mm`` and ``mimic3`` dataset plugins.
 
 What lives here: the 46 EHR variables (itemids of MIMIC-IV and MIMIC-III, units, unit
-conversions, plausible ranges), streaming readers of the official CSV tables (plain or
-gzipped, standard-library ``csv`` + ``gzip``, bounded memory), the cohort rules and task
-labels both cohorts share, the patient-level split, the on-disk cohort cache, and the
-:class:`MimicDataset` base class. The version-specific readers are in ``mimic4mm.py``
-(MIMIC-IV, MIMIC-CXR-JPG, MIMIC-IV-Note) and ``mimic3.py`` (MIMIC-III v1.4).
+conversions, plausible ranges, and the public sources each was verified against),
+streaming readers of the official CSV tables (plain or gzipped, standard-library ``csv`` +
+``gzip``, bounded memory), the cohort rules and task labels both cohorts share, the
+patient-level split, the on-disk cohort cache, and the :class:`MimicDataset` base class.
+The version-specific readers are in ``mimic4mm.py`` (MIMIC-IV, MIMIC-CXR-JPG,
+MIMIC-IV-Note) and ``mimic3.py`` (MIMIC-III v1.4).
 
 Times are hours since 1970-01-01 of the (date-shifted) charted times; an EHR window
 starts at the ICU ``intime``. Missing is a value throughout: an unparseable or implausible
@@ -46,7 +47,7 @@ from medmix_core.errors import DataError
 from medmix_core.store import atomic_write_bytes, atomic_write_text
 
 #: bumps whenever reading, cleaning or cohort rules change the samples (part of the cache key)
-PARSER_VERSION = "1"
+PARSER_VERSION = "2"
 CACHE_FORMAT = "medmix-mimic-cohort"
 SPLIT_FRACTIONS = (0.72, 0.13, 0.15)
 TASKS = ("mortality", "los7", "readmission30")
@@ -56,6 +57,41 @@ _HOUR = 3600.0
 
 
 # ----------------------------------------------------------------------------- variables
+#: the public sources every itemid, unit and conversion was checked against (key -> where);
+#: docs/data/mimic4mm.md lists them per variable ("verified against")
+SOURCES: dict[str, str] = {
+    "mc4-vital": "MIT-LCP/mimic-code mimic-iv/concepts/measurement/vitalsign.sql",
+    "mc4-gcs": "MIT-LCP/mimic-code mimic-iv/concepts/measurement/gcs.sql",
+    "mc4-bg": "MIT-LCP/mimic-code mimic-iv/concepts/measurement/bg.sql",
+    "mc4-chem": "MIT-LCP/mimic-code mimic-iv/concepts/measurement/chemistry.sql",
+    "mc4-cbc": "MIT-LCP/mimic-code mimic-iv/concepts/measurement/complete_blood_count.sql",
+    "mc4-coag": "MIT-LCP/mimic-code mimic-iv/concepts/measurement/coagulation.sql",
+    "mc4-enz": "MIT-LCP/mimic-code mimic-iv/concepts/measurement/enzyme.sql",
+    "mc4-height": "MIT-LCP/mimic-code mimic-iv/concepts/measurement/height.sql",
+    "mc4-weight": "MIT-LCP/mimic-code mimic-iv/concepts/demographics/weight_durations.sql",
+    "mc4-dlab": "MIT-LCP/mimic-code mimic-iv/mapping/d_labitems_to_loinc.csv",
+    "mc4-ditems": "MIT-LCP/mimic-code mimic-iv/mapping/meas_chartevents_main.csv",
+    "mc3-vital": "MIT-LCP/mimic-code mimic-iii/concepts/pivot/pivoted_vital.sql",
+    "mc3-gcs": "MIT-LCP/mimic-code mimic-iii/concepts/pivot/pivoted_gcs.sql",
+    "mc3-fio2": "MIT-LCP/mimic-code mimic-iii/concepts/pivot/pivoted_fio2.sql",
+    "mc3-temp": "MIT-LCP/mimic-code mimic-iii/concepts/cookbook/temp.sql",
+    "mc3-height": "MIT-LCP/mimic-code mimic-iii/concepts/pivot/pivoted_height.sql",
+    "mc3-weight": "MIT-LCP/mimic-code mimic-iii/concepts/durations/weight_durations.sql",
+    "mc3-lab": "MIT-LCP/mimic-code mimic-iii/concepts/pivot/pivoted_lab.sql",
+    "bench": "YerevaNN/mimic3-benchmarks mimic3benchmark/resources/itemid_to_variable_map.csv",
+    "extract": "MLforHealth/MIMIC_Extract resources/itemid_to_variable_map.csv",
+    "medfuse": ("nyuad-cai/MedFuse "
+                "mimic4extract/mimic3benchmark/resources/itemid_to_variable_map.csv"),
+}
+
+#: the databases a variable is read from, and the itemid fields each of them uses
+DATABASES: dict[str, tuple[str, ...]] = {
+    "mimic_iv": ("chart_iv", "lab"),
+    "mimic_iii_carevue": ("carevue", "lab"),
+    "mimic_iii_metavision": ("chart_iv", "lab"),
+}
+
+
 @dataclass(frozen=True)
 class Variable:
     """One EHR variable: its itemids per table and database, unit and plausible range.
@@ -63,6 +99,8 @@ class Variable:
     ``chart_iv`` are MIMIC-IV ``icu/chartevents`` itemids (MetaVision; MIMIC-III's
     MetaVision stays use the same ids), ``carevue`` the MIMIC-III CareVue itemids of the
     same quantity, ``lab`` the ``labevents`` itemids (shared by MIMIC-III and MIMIC-IV).
+    ``verified`` names the :data:`SOURCES` the ids, unit and conversions were checked
+    against; ``databases`` the :data:`DATABASES` the variable is read from.
     """
 
     name: str
@@ -74,81 +112,144 @@ class Variable:
     carevue: tuple[int, ...] = ()
     lab: tuple[int, ...] = ()
     integer: bool = False
+    verified: tuple[str, ...] = ()
+    databases: tuple[str, ...] = tuple(DATABASES)
+
+
+def itemids(v: Variable, database: str) -> tuple[int, ...]:
+    """The itemids ``v`` is read from in ``database`` (a key of :data:`DATABASES`)."""
+    return tuple(i for f in DATABASES[database] for i in getattr(v, f))
 
 
 def _f_to_c(v: float) -> float:
     return (v - 32.0) * 5.0 / 9.0
 
 
+def _lb_to_kg(v: float) -> float:
+    return v * 0.45359237
+
+
+def _inch_to_cm(v: float) -> float:
+    return v * 2.54
+
+
 def _percent_to_fraction(v: float) -> float:
-    return v / 100.0 if v > 1.0 else v  # FiO2 is charted as 21-100 % or 0.21-1
+    # FiO2 is charted as 21-100 % or as 0.21-1 (itemid 190, some 223835 rows); 1-20 % is
+    # a misplaced O2 flow (mimic-code bg.sql) and falls below the range after dividing
+    return v / 100.0 if v > 1.0 else v
 
 
-#: itemids whose values need converting into the variable's unit, and how
+#: itemids whose values need converting into the variable's unit, and how (units from the
+#: d_items labels quoted in the "bench" and "mc4-ditems" sources)
 CONVERSIONS: dict[int, tuple[str, Callable[[float], float]]] = {
-    223761: ("degF -> degC", _f_to_c), 678: ("degF -> degC", _f_to_c),
-    679: ("degF -> degC", _f_to_c),
-    226531: ("lb -> kg", lambda v: v * 0.45359237), 3581: ("lb -> kg", lambda v: v * 0.45359237),
-    226707: ("inch -> cm", lambda v: v * 2.54), 920: ("inch -> cm", lambda v: v * 2.54),
-    1394: ("inch -> cm", lambda v: v * 2.54), 4187: ("inch -> cm", lambda v: v * 2.54),
-    3486: ("inch -> cm", lambda v: v * 2.54),
-    223835: ("% -> fraction", _percent_to_fraction), 3420: ("% -> fraction", _percent_to_fraction),
-    190: ("% -> fraction", _percent_to_fraction),
+    223761: ("degF -> degC", _f_to_c),  # Temperature Fahrenheit
+    678: ("degF -> degC", _f_to_c),  # Temperature F
+    679: ("degF -> degC", _f_to_c),  # Temperature F (calc)
+    226531: ("lb -> kg", _lb_to_kg),  # Admission Weight (lbs.)
+    226707: ("inch -> cm", _inch_to_cm),  # Height (Inch)
+    920: ("inch -> cm", _inch_to_cm),  # Admit Ht
+    1394: ("inch -> cm", _inch_to_cm),  # Height Inches
+    4187: ("inch -> cm", _inch_to_cm),  # Length Calc Inches
+    3486: ("inch -> cm", _inch_to_cm),  # Length in Inches
+    223835: ("% -> fraction", _percent_to_fraction),  # Inspired O2 Fraction
+    3420: ("% -> fraction", _percent_to_fraction),  # FIO2
+    3422: ("% -> fraction", _percent_to_fraction),  # FIO2 [Meas]
+    190: ("% -> fraction", _percent_to_fraction),  # FiO2 Set (charted as a fraction)
 }
 
+#: charted values that are not a score: the GCS verbal response of an intubated patient
+#: cannot be tested (mimic-code gcs.sql / pivoted_gcs.sql flag these rows instead of
+#: scoring them); they are dropped and counted as ``not_assessable``, never kept as 1
+NOT_ASSESSABLE: dict[int, str] = {223900: "No Response-ETT", 723: "1.0 ET/Trach"}
+
 _V = Variable
+_VITAL = ("mc4-vital", "mc3-vital", "bench")
+_BG = ("mc4-bg", "mc4-dlab")
 #: the 46 EHR variables, in modality order: 18 charted (vital signs, GCS, ventilation,
 #: anthropometry, bedside glucose) and 28 laboratory values
 VARIABLES: tuple[Variable, ...] = (
-    _V("heart_rate", "bpm", 10, 300, "vital", (220045,), (211,)),
-    _V("sbp_ni", "mmHg", 20, 300, "vital", (220179,), (455,)),
-    _V("dbp_ni", "mmHg", 5, 250, "vital", (220180,), (8441,)),
-    _V("mbp_ni", "mmHg", 10, 280, "vital", (220181,), (456,)),
-    _V("sbp_art", "mmHg", 20, 300, "vital", (220050,), (51, 6701)),
-    _V("dbp_art", "mmHg", 5, 250, "vital", (220051,), (8368, 8555)),
-    _V("mbp_art", "mmHg", 10, 280, "vital", (220052,), (52, 6702)),
-    _V("resp_rate", "breaths/min", 1, 100, "vital", (220210, 224690), (618, 615)),
-    _V("spo2", "%", 20, 100, "vital", (220277,), (646,)),
-    _V("temperature", "degC", 25, 45, "vital", (223762, 223761), (676, 677, 678, 679)),
-    _V("cvp", "mmHg", -5, 60, "vital", (220074,), (113,)),
-    _V("gcs_eye", "points (1-4)", 1, 4, "gcs", (220739,), (184,), integer=True),
-    _V("gcs_verbal", "points (1-5)", 1, 5, "gcs", (223900,), (723,), integer=True),
-    _V("gcs_motor", "points (1-6)", 1, 6, "gcs", (223901,), (454,), integer=True),
-    _V("fio2", "fraction (0.21-1)", 0.21, 1.0, "ventilation", (223835,), (3420, 190)),
-    _V("weight", "kg", 20, 350, "anthropometry", (226512, 224639, 226531),
-       (762, 763, 3580, 3581)),
+    _V("heart_rate", "bpm", 10, 300, "vital", (220045,), (211,), verified=_VITAL),
+    _V("sbp_ni", "mmHg", 20, 300, "vital", (220179,), (455,), verified=_VITAL),
+    _V("dbp_ni", "mmHg", 5, 250, "vital", (220180,), (8441,), verified=_VITAL),
+    _V("mbp_ni", "mmHg", 10, 280, "vital", (220181,), (456,), verified=_VITAL),
+    # 225309-225312 "ART BP ...": a second arterial line (mc4-vital reads it with 220050-2)
+    _V("sbp_art", "mmHg", 20, 300, "vital", (220050, 225309), (51, 6701),
+       verified=_VITAL + ("medfuse",)),
+    _V("dbp_art", "mmHg", 5, 250, "vital", (220051, 225310), (8368, 8555),
+       verified=_VITAL + ("medfuse",)),
+    _V("mbp_art", "mmHg", 10, 280, "vital", (220052, 225312), (52, 6702),
+       verified=_VITAL + ("medfuse",)),
+    _V("resp_rate", "breaths/min", 1, 100, "vital", (220210, 224690), (618, 615),
+       verified=_VITAL),
+    _V("spo2", "%", 20, 100, "vital", (220277,), (646,), verified=_VITAL),
+    _V("temperature", "degC", 25, 45, "vital", (223762, 223761), (676, 677, 678, 679),
+       verified=_VITAL + ("mc3-temp",)),
+    _V("cvp", "mmHg", -5, 60, "vital", (220074,), (113,),
+       verified=("mc4-ditems", "bench", "extract")),
+    _V("gcs_eye", "points (1-4)", 1, 4, "gcs", (220739,), (184,), integer=True,
+       verified=("mc4-gcs", "mc3-gcs", "bench")),
+    _V("gcs_verbal", "points (1-5)", 1, 5, "gcs", (223900,), (723,), integer=True,
+       verified=("mc4-gcs", "mc3-gcs", "bench")),
+    _V("gcs_motor", "points (1-6)", 1, 6, "gcs", (223901,), (454,), integer=True,
+       verified=("mc4-gcs", "mc3-gcs", "bench")),
+    _V("fio2", "fraction (0.21-1)", 0.21, 1.0, "ventilation", (223835,), (3420, 3422, 190),
+       verified=("mc4-bg", "mc3-fio2", "bench")),
+    # not 3581 "Present Weight (lb)": the pound part of 3581 lb + 3582 oz, the same weight
+    # as 3580 kg (mc3-weight)
+    _V("weight", "kg", 20, 350, "anthropometry", (226512, 224639, 226531), (762, 763, 3580),
+       verified=("mc4-weight", "mc4-ditems", "mc3-weight", "bench")),
     _V("height", "cm", 100, 250, "anthropometry", (226730, 226707),
-       (920, 1394, 4187, 3486, 3485, 4188)),
+       (920, 1394, 4187, 3486, 3485, 4188), verified=("mc4-height", "mc3-height", "bench")),
     _V("glucose", "mg/dL", 10, 2500, "chemistry", (220621, 225664, 226537),
-       (807, 811, 1529, 3745, 3744), (50931, 50809)),
-    _V("sodium", "mEq/L", 90, 200, "chemistry", lab=(50983, 50824)),
-    _V("potassium", "mEq/L", 1, 15, "chemistry", lab=(50971, 50822)),
-    _V("chloride", "mEq/L", 50, 180, "chemistry", lab=(50902, 50806)),
-    _V("bicarbonate", "mEq/L", 2, 60, "chemistry", lab=(50882,)),
-    _V("anion_gap", "mEq/L", 0, 60, "chemistry", lab=(50868,)),
-    _V("bun", "mg/dL", 1, 300, "chemistry", lab=(51006,)),
-    _V("creatinine", "mg/dL", 0.1, 30, "chemistry", lab=(50912,)),
-    _V("calcium", "mg/dL", 2, 20, "chemistry", lab=(50893,)),
-    _V("magnesium", "mg/dL", 0.2, 10, "chemistry", lab=(50960,)),
-    _V("phosphate", "mg/dL", 0.2, 25, "chemistry", lab=(50970,)),
-    _V("hematocrit", "%", 5, 75, "hematology", lab=(51221, 50810)),
-    _V("hemoglobin", "g/dL", 1.5, 25, "hematology", lab=(51222, 50811)),
-    _V("platelets", "K/uL", 1, 2500, "hematology", lab=(51265,)),
-    _V("wbc", "K/uL", 0.05, 500, "hematology", lab=(51301, 51300)),
-    _V("mcv", "fL", 40, 150, "hematology", lab=(51250,)),
-    _V("pt", "sec", 5, 150, "coagulation", lab=(51274,)),
-    _V("inr", "ratio", 0.5, 20, "coagulation", lab=(51237,)),
-    _V("ptt", "sec", 10, 200, "coagulation", lab=(51275,)),
-    _V("bilirubin_total", "mg/dL", 0.05, 80, "liver", lab=(50885,)),
-    _V("alt", "IU/L", 1, 20000, "liver", lab=(50861,)),
-    _V("ast", "IU/L", 1, 30000, "liver", lab=(50878,)),
-    _V("alp", "IU/L", 1, 5000, "liver", lab=(50863,)),
-    _V("albumin", "g/dL", 0.5, 7, "liver", lab=(50862,)),
-    _V("lactate", "mmol/L", 0.1, 40, "blood gas", lab=(50813,)),
-    _V("ph", "pH units", 6.5, 8.0, "blood gas", lab=(50820,)),
-    _V("po2", "mmHg", 15, 800, "blood gas", lab=(50821,)),
-    _V("pco2", "mmHg", 5, 200, "blood gas", lab=(50818,)),
-    _V("base_excess", "mEq/L", -40, 40, "blood gas", lab=(50802,)),
+       (807, 811, 1529, 3745, 3744), (50931, 50809),
+       verified=("mc4-vital", "mc3-vital", "mc4-chem", "mc4-bg", "mc4-dlab")),
+    _V("sodium", "mEq/L", 90, 200, "chemistry", lab=(50983, 50824),
+       verified=("mc4-chem",) + _BG),
+    _V("potassium", "mEq/L", 1, 15, "chemistry", lab=(50971, 50822),
+       verified=("mc4-chem",) + _BG),
+    _V("chloride", "mEq/L", 50, 180, "chemistry", lab=(50902, 50806),
+       verified=("mc4-chem",) + _BG),
+    _V("bicarbonate", "mEq/L", 2, 60, "chemistry", lab=(50882,),
+       verified=("mc4-chem", "mc4-dlab")),
+    # mc4-chem keeps anion gaps <= 0 (every other chemistry must be > 0)
+    _V("anion_gap", "mEq/L", -20, 60, "chemistry", lab=(50868,),
+       verified=("mc4-chem", "mc4-dlab")),
+    _V("bun", "mg/dL", 1, 300, "chemistry", lab=(51006,), verified=("mc4-chem", "mc4-dlab")),
+    _V("creatinine", "mg/dL", 0.1, 30, "chemistry", lab=(50912,),
+       verified=("mc4-chem", "mc4-dlab")),
+    _V("calcium", "mg/dL", 2, 20, "chemistry", lab=(50893,),
+       verified=("mc4-chem", "mc4-dlab")),
+    _V("magnesium", "mg/dL", 0.2, 10, "chemistry", lab=(50960,),
+       verified=("mc4-dlab", "bench")),
+    _V("phosphate", "mg/dL", 0.2, 25, "chemistry", lab=(50970,),
+       verified=("mc4-dlab", "bench")),
+    _V("hematocrit", "%", 5, 75, "hematology", lab=(51221, 50810),
+       verified=("mc4-cbc",) + _BG),
+    _V("hemoglobin", "g/dL", 1.5, 25, "hematology", lab=(51222, 50811),
+       verified=("mc4-cbc",) + _BG),
+    _V("platelets", "K/uL", 1, 2500, "hematology", lab=(51265,),
+       verified=("mc4-cbc", "mc4-dlab")),
+    # mc3-lab rejects WBC > 1000 only: hyperleukocytosis above 500 K/uL is real
+    _V("wbc", "K/uL", 0.05, 1000, "hematology", lab=(51301, 51300),
+       verified=("mc4-cbc", "mc3-lab", "mc4-dlab")),
+    _V("mcv", "fL", 40, 150, "hematology", lab=(51250,), verified=("mc4-cbc", "mc4-dlab")),
+    _V("pt", "sec", 5, 150, "coagulation", lab=(51274,), verified=("mc4-coag", "mc4-dlab")),
+    _V("inr", "ratio", 0.5, 20, "coagulation", lab=(51237,),
+       verified=("mc4-coag", "mc4-dlab")),
+    _V("ptt", "sec", 10, 200, "coagulation", lab=(51275,),
+       verified=("mc4-coag", "mc4-dlab")),
+    _V("bilirubin_total", "mg/dL", 0.05, 80, "liver", lab=(50885,),
+       verified=("mc4-enz", "mc4-dlab")),
+    _V("alt", "IU/L", 1, 20000, "liver", lab=(50861,), verified=("mc4-enz", "mc4-dlab")),
+    _V("ast", "IU/L", 1, 30000, "liver", lab=(50878,), verified=("mc4-enz", "mc4-dlab")),
+    _V("alp", "IU/L", 1, 5000, "liver", lab=(50863,), verified=("mc4-enz", "mc4-dlab")),
+    _V("albumin", "g/dL", 0.5, 7, "liver", lab=(50862,), verified=("mc4-chem", "mc4-dlab")),
+    _V("lactate", "mmol/L", 0.1, 40, "blood gas", lab=(50813,), verified=_BG),
+    _V("ph", "pH units", 6.3, 8.0, "blood gas", lab=(50820,),  # bench: valid low 6.3
+       verified=_BG + ("bench",)),
+    _V("po2", "mmHg", 15, 800, "blood gas", lab=(50821,), verified=_BG),
+    _V("pco2", "mmHg", 5, 200, "blood gas", lab=(50818,), verified=_BG),
+    _V("base_excess", "mEq/L", -40, 40, "blood gas", lab=(50802,), verified=_BG),
 )
 assert len(VARIABLES) == 46 and len({v.name for v in VARIABLES}) == 46
 BY_NAME = {v.name: v for v in VARIABLES}
@@ -177,7 +278,8 @@ def select_variables(option: Any) -> list[Variable]:
 
 
 def item_map(variables: list[Variable], chart_ids: str) -> dict[str, tuple]:
-    """itemid string -> (variable index, conversion or None) for one event table.
+    """itemid string -> (variable index, conversion or None, value that is not a score or
+    None) for one event table.
 
     Args:
         variables: the selected variables (their index is their position).
@@ -188,7 +290,7 @@ def item_map(variables: list[Variable], chart_ids: str) -> dict[str, tuple]:
         ids = {"iv": v.chart_iv, "iii": v.carevue + v.chart_iv, "lab": v.lab}[chart_ids]
         for i in ids:
             conv = CONVERSIONS.get(i)
-            out[str(i)] = (j, None if conv is None else conv[1])
+            out[str(i)] = (j, None if conv is None else conv[1], NOT_ASSESSABLE.get(i))
     return out
 
 
@@ -523,6 +625,7 @@ class VarCounts:
     non_numeric: int = 0
     outside_window: int = 0
     error_flag: int = 0
+    not_assessable: int = 0
 
 
 class Events:
@@ -573,7 +676,8 @@ def stream_events(path: Path, label: str, events: Events, items: dict[str, tuple
     because it rejects most rows at the cost of one dict lookup.
 
     Args:
-        items: itemid string -> (variable index, unit conversion or None).
+        items: itemid string -> (variable index, unit conversion or None, charted value
+            that is not a score or None), from :func:`item_map`.
         stay_col: column of the ICU stay id (chartevents); rows without one (MIMIC-III)
             and tables without one (labevents) are matched by subject and time.
         error_col: a 0/1 error flag column (MIMIC-III CHARTEVENTS ``ERROR``).
@@ -605,7 +709,7 @@ def stream_events(path: Path, label: str, events: Events, items: dict[str, tuple
         hit = items.get(row[i_item])
         if hit is None:
             continue
-        j, conv = hit
+        j, conv, not_score = hit
         s = -1
         if i_stay is not None and row[i_stay]:
             s = by_stay.get(row[i_stay], -1)
@@ -632,6 +736,9 @@ def stream_events(path: Path, label: str, events: Events, items: dict[str, tuple
             rel = t - start[s]
         if i_err is not None and row[i_err] == "1":
             vc[j].error_flag += 1
+            continue
+        if not_score is not None and row[i_val].strip() == not_score:
+            vc[j].not_assessable += 1
             continue
         raw = row[i_num] or row[i_val]
         try:

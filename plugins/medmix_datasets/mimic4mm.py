@@ -102,7 +102,8 @@ class Mimic4MM(mx.MimicDataset):
     name = "mimic4mm"
     allowed_options = {**mx.COMMON_OPTIONS, "cxr": (str, Path), "note": (str, Path),
                        "discharge_note": bool, "era": str}
-    _source_example = "physionet.org/files/mimiciv/3.1 --dataset-options cxr=...,note=..."
+    _source_example = ("physionet.org/files/mimiciv/3.1 --dataset-option cxr=... "
+                       "--dataset-option note=...")
 
     def __init__(self, source: str | None = None, **options: Any) -> None:
         super().__init__(source, **options)

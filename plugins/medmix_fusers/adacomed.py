@@ -64,6 +64,7 @@ from torch.nn.utils.parametrizations import weight_norm
 from medmix_core import (
     Batch,
     Fuser,
+    FuserPlugin,
     FusionOutput,
     FusionSpec,
     MedmixError,
@@ -308,5 +309,4 @@ def build_adacomed(spec: FusionSpec, d: int = 128, dropout: float = 0.1, adapter
 
 @hookimpl
 def register_fusers(register):
-    build_adacomed.uses_teacher_at_inference = True
-    register("adacomed", build_adacomed)
+    register("adacomed", FuserPlugin(build_adacomed, reads_teacher=True))

@@ -32,6 +32,7 @@ from medmix_core import (
     Batch,
     ExpertProjector,
     Fuser,
+    FuserPlugin,
     FusionModel,
     FusionOutput,
     FusionSpec,
@@ -569,8 +570,7 @@ def register_fusers(register):
     register("concat", build_concat)
     register("max", build_max)
     register("attention", build_attention)
-    build_teacher_only.uses_teacher_at_inference = True
-    register("teacher-only", build_teacher_only)
-    build_medmix_best_expert.candidates = _best_expert_candidates
-    register("medmix-best-expert", build_medmix_best_expert)
+    register("teacher-only", FuserPlugin(build_teacher_only, reads_teacher=True))
+    register("medmix-best-expert", FuserPlugin(build_medmix_best_expert,
+                                               candidates=_best_expert_candidates))
     register("medmix-no-inter", build_medmix_no_inter)
