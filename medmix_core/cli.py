@@ -21,7 +21,9 @@ def _fail(exc: Exception) -> None:
 
 
 def _csv(v: str | None) -> list[str] | None:
-    return None if v is None else [x.strip() for x in v.split(",") if x.strip()]
+    from medmix_core.config import parse_names
+
+    return parse_names(v)
 
 
 def parse_threshold(value: str | None) -> float | str | None:

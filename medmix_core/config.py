@@ -11,6 +11,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from medmix_core.errors import MedmixError
 
 
+def parse_names(value: str | list[str] | tuple[str, ...] | None) -> list[str] | None:
+    """The one parser of name lists (``--experts a,b``, ``--fuser``, ``--keep-modalities``,
+    ...): a comma-separated string or a list -> names, stripped, empty ones dropped, order
+    kept; None stays None."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    return [x.strip() for x in items if x.strip()]
+
+
 class RunConfig(BaseModel):
     """Settings of ``medmix run``. Unknown keys are errors (``extra="forbid"``)."""
 
@@ -97,9 +107,7 @@ class RunConfig(BaseModel):
     @field_validator("experts", "drop_experts", "keep_modalities", mode="before")
     @classmethod
     def _csv(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            return [x.strip() for x in v.split(",") if x.strip()]
-        return v
+        return parse_names(v) if isinstance(v, str) else v
 
     @property
     def distill_on(self) -> bool:

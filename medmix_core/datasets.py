@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -69,6 +70,27 @@ class Dataset(ABC):
     def report(self) -> dict[str, Any]:
         """Counts worth telling a user after loading (invalid values, missing rates, ...)."""
         return {}
+
+
+def missing_rates(samples: Sequence[Sample], modalities: Sequence[ModalitySpec]
+                  ) -> dict[str, float]:
+    """Per modality: the share of ``samples`` whose payload is None (absent).
+
+    The one owner of this figure for raw samples (datasets' reports and the store's
+    extraction report use it; :meth:`EmbeddingStore.modality_missing_rates` is the same
+    figure on a store's expert masks).
+
+    Args:
+        samples: the dataset's samples.
+        modalities: its modality specs (order kept).
+    Returns:
+        {modality: missing rate in [0, 1]}; 0.0 for every modality when there are no samples.
+    """
+    n = len(samples)
+    if n == 0:
+        return {m.name: 0.0 for m in modalities}
+    return {m.name: sum(s.modalities.get(m.name) is None for s in samples) / n
+            for m in modalities}
 
 
 def _strat_key(label: Any) -> int:

@@ -31,6 +31,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors.numpy import load_file
 
+from medmix_core.config import parse_names
+from medmix_core.datasets import missing_rates
 from medmix_core.errors import DataError, MedmixError, StoreError, UnknownPluginError
 from medmix_core.experts import ExpertEncoder
 from medmix_core.files import cached_sha256, sha256_file
@@ -78,21 +80,8 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(_jsonable(obj), sort_keys=True).encode()).hexdigest()
 
 
-def modality_missing_rates(samples: Sequence[Sample],
-                           modalities: Sequence[ModalitySpec]) -> dict[str, float]:
-    """Per modality: the share of samples whose payload is None (absent).
-
-    Args:
-        samples: the dataset's samples.
-        modalities: its modality specs (order kept).
-    Returns:
-        {modality: missing rate in [0, 1]}; 0.0 for every modality when there are no samples.
-    """
-    n = len(samples)
-    if n == 0:
-        return {m.name: 0.0 for m in modalities}
-    return {m.name: sum(s.modalities.get(m.name) is None for s in samples) / n
-            for m in modalities}
+#: the one owner is :func:`medmix_core.datasets.missing_rates`; kept under this name
+modality_missing_rates = missing_rates
 
 
 def label_arrays(samples: Sequence[Sample], tasks: Sequence[TaskSpec]) -> dict[str, np.ndarray]:
@@ -265,10 +254,8 @@ def extract(
             store of other data without ``overwrite``, an encoder output of the wrong shape.
         DataError: invalid dataset content (duplicate ids, wrong payload kinds, labels).
     """
-    if isinstance(experts, str):
-        experts = [e.strip() for e in experts.split(",") if e.strip()]
-    if isinstance(teachers, str):
-        teachers = [t.strip() for t in teachers.split(",") if t.strip()]
+    experts = parse_names(experts) or []
+    teachers = parse_names(teachers) or []
     if not experts and not teachers:
         raise ExtractError("No experts given; name at least one (e.g. experts=['stats']).")
     if not isinstance(shard_size, int) or shard_size < 1:

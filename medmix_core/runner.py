@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from medmix_core.batch import StoreTensors
 from medmix_core.config import RunConfig
-from medmix_core.errors import MedmixError, StoreError
+from medmix_core.errors import MedmixError
 from medmix_core.fusion import Fuser, FusionSpec
 from medmix_core.metrics import METRICS, bootstrap_ci, compute_metrics, mean_std
 from medmix_core.runs import RunFolder, RunFolderError
@@ -51,35 +51,75 @@ def default_store_path(cfg: RunConfig) -> Path:
     return Path("stores") / name
 
 
-def ensure_store(cfg: RunConfig, log=print) -> EmbeddingStore:
-    """Open the configured store; extract the missing experts/teacher into it first."""
+def existing_store(cfg: RunConfig) -> EmbeddingStore | None:
+    """The configured store when it already exists (opened and validated once), else None."""
     path = default_store_path(cfg)
+    return EmbeddingStore.open(path) if is_store(path) else None
+
+
+def choose_experts(cfg: RunConfig, factory: Any, existing: EmbeddingStore | None = None,
+                   log=print) -> RunConfig:
+    """The one rule for "no --experts given", in this order:
+
+    1. ``--experts`` given: those (``--drop-experts`` is applied later, by name or family);
+    2. ``--store`` given and present: every expert it holds (left as None here);
+    3. no ``--store``, and the dataset declares a committee (and the data is its bundled
+       default): the part of it that fits the first-run time budget on this device
+       (:func:`default_committee`);
+    4. else the dataset's ``default_experts``; a dataset with none needs ``--experts``.
+    """
+    from medmix_core.plugins import get_dataset
+
+    if cfg.experts:
+        return cfg
+    if cfg.store and existing is not None:
+        return cfg
+    if not cfg.store:
+        planned = default_committee(cfg, factory, log, existing)
+        if planned.experts:
+            return planned
+    ds_cls = get_dataset(cfg.dataset)
+    wanted = list(getattr(ds_cls, "default_experts", ()))
+    if not wanted:
+        raise MedmixError(f"No store at {default_store_path(cfg)} and no --experts given for "
+                          f"dataset {cfg.dataset!r}, which declares no default experts. Pass "
+                          f"--experts a,b (see `medmix plugins`).")
+    return cfg.model_copy(update={"experts": wanted})
+
+
+def ensure_store(cfg: RunConfig, log=print,
+                 existing: EmbeddingStore | None = None) -> EmbeddingStore:
+    """Open the configured store; extract the missing experts/teacher into it first.
+
+    ``existing`` is the store already opened by the caller (its manifest is not read
+    again). Without ``cfg.experts`` and without a store, :func:`choose_experts` decides.
+    """
+    path = default_store_path(cfg)
+    if existing is None and is_store(path):
+        existing = EmbeddingStore.open(path)
+    if not cfg.experts and existing is None:
+        from medmix_core.plugins import get_fuser
+
+        cfg = choose_experts(cfg, get_fuser(cfg.fuser), None, log)
     wanted = list(cfg.experts) if cfg.experts else None
     teachers = [cfg.teacher] if cfg.teacher else []
-    if is_store(path):
-        store = EmbeddingStore.open(path)
+    if existing is not None:
+        store = existing
         have = set(store.expert_names())
         have_t = set(store.teacher_names())
         if (wanted is None or set(wanted) <= have) and set(teachers) <= have_t:
             return store
-        if cfg.store and not cfg.dataset:
-            raise StoreError(f"Store {path} lacks {sorted(set(wanted or []) - have)}.")
         # only what is missing: entries already there stay as they are (extract keeps them
         # in the manifest), even if this device or version would key them differently
         wanted = sorted(set(wanted or []) - have)
         teachers = [t for t in teachers if t not in have_t]
-    from medmix_core.plugins import get_any_encoder, get_dataset, get_expert
+    from medmix_core.plugins import get_any_encoder, get_expert
 
-    ds_cls = get_dataset(cfg.dataset)
     for name in wanted or []:  # typos fail before anything is printed
         get_expert(name)
     for name in teachers:
         get_any_encoder(name)
-    if wanted is None:
-        wanted = list(getattr(ds_cls, "default_experts", ()))
-        if not wanted:
-            raise MedmixError(f"No store at {path} and no --experts given for dataset "
-                              f"{cfg.dataset!r}. Pass --experts a,b (see `medmix plugins`).")
+    wanted = wanted or []
     from medmix_core.extract import extract  # heavy imports only when extracting
 
     what = ", ".join(wanted + [f"teacher {t}" for t in teachers])
@@ -91,7 +131,8 @@ def ensure_store(cfg: RunConfig, log=print) -> EmbeddingStore:
                    expert_options=opts or None)
 
 
-def default_committee(cfg: RunConfig, factory: Any, log=print) -> RunConfig:
+def default_committee(cfg: RunConfig, factory: Any, log=print,
+                      existing: EmbeddingStore | None = None) -> RunConfig:
     """``cfg`` with the experts (and teacher) of the dataset's default committee for this
     device (:func:`medmix_core.plan.plan_committee`); unchanged for a dataset without one,
     or for ``--source`` data and ``--dataset-options`` (the costs describe the bundled data).
@@ -110,12 +151,12 @@ def default_committee(cfg: RunConfig, factory: Any, log=print) -> RunConfig:
                           f"`medmix extract --dataset {cfg.dataset} --experts stats --teacher "
                           f"{ds_cls.committee_teacher or 'NAME'} --teacher-rows all --out S` "
                           f"then `medmix run --store S --fuser {cfg.fuser}`.")
-    path = default_store_path(cfg)
     have: set[str] = set()
     have_t: set[str] = set()
-    if is_store(path):
-        store = EmbeddingStore.open(path)
-        have, have_t = set(store.expert_names()), set(store.teacher_names())
+    if existing is None and is_store(default_store_path(cfg)):
+        existing = EmbeddingStore.open(default_store_path(cfg))
+    if existing is not None:
+        have, have_t = set(existing.expert_names()), set(existing.teacher_names())
     teacher: str | bool | None = cfg.teacher or (cfg.distill is not False)
     plan = plan_committee(ds_cls, have, have_t, device_kind(cfg.device), get_any_encoder,
                           options=cfg.expert_options, teacher=teacher)
@@ -331,19 +372,13 @@ def default_out(cfg: RunConfig, label: str | None = None) -> Path:
                            + f"-{label or cfg.fuser}")
 
 
-def _check_experts_known(cfg: RunConfig) -> None:
-    """Named experts must be registered (or already in the named store)."""
+def _check_experts_known(cfg: RunConfig, existing: EmbeddingStore | None) -> None:
+    """Named experts must be registered (or already in the store)."""
     from medmix_core.plugins import get_expert
 
     if not cfg.experts:
         return
-    have: set[str] = set()
-    path = default_store_path(cfg)
-    if is_store(path):
-        try:
-            have = set(EmbeddingStore.open(path).expert_names())
-        except StoreError:
-            have = set()  # reported when the store is opened for the run
+    have = set(existing.expert_names()) if existing is not None else set()
     for name in list(cfg.experts) + list(cfg.drop_experts):
         if name in have or name in ("general", "domain", "rag"):
             continue
@@ -379,21 +414,20 @@ def run(cfg: RunConfig, log=print, overwrite: bool = False, tracker=None) -> dic
     if cfg.store:
         _check_out_vs_store(out, Path(cfg.store))
     folder = RunFolder.prepare(out, "run", overwrite)
-    _check_experts_known(cfg)
-    if not cfg.experts and not cfg.store:
-        cfg = default_committee(cfg, factory, log)
-    store = ensure_store(cfg, log)
+    existing = existing_store(cfg)  # the manifest is read once before training
+    _check_experts_known(cfg, existing)
+    cfg = choose_experts(cfg, factory, existing, log)
+    store = ensure_store(cfg, log, existing)
     _check_out_vs_store(out, store.path)
     fuser_cls_needs_teacher = factory.reads_teacher
     if fuser_cls_needs_teacher and cfg.distill is None:
         cfg = cfg.model_copy(update={"distill": False})  # its teacher is an input, not a target
     teacher_needed = cfg.distill_on or fuser_cls_needs_teacher
     if fuser_cls_needs_teacher and not cfg.teacher:
-        have = store.teacher_names()
-        if not have:
+        if store.default_teacher() is None:
             raise MedmixError(f"Fuser {cfg.fuser!r} reads teacher-class embeddings at inference,"
                               f" but store {store.path} has none. Extract one with --teacher.")
-        cfg = cfg.model_copy(update={"teacher": have[0]})
+        cfg = cfg.model_copy(update={"teacher": store.default_teacher()})
     tensors = load_tensors(cfg, store, teacher_needed)
     check_trainable(tensors, store.splits)
     test_rows = torch.as_tensor(store.splits.get("test", []), dtype=torch.long)

@@ -355,6 +355,11 @@ class EmbeddingStore:
         """Every teacher of the store, sorted by name."""
         return sorted({e.name for es in self.teachers.values() for e in es})
 
+    def default_teacher(self) -> str | None:
+        """The teacher a run uses when none is named: the store's first by name, or None."""
+        names = self.teacher_names()
+        return names[0] if names else None
+
     def expert_order(self) -> list[str]:
         """Experts in the store's order (modality by modality, first appearance)."""
         out: list[str] = []

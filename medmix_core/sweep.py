@@ -25,10 +25,11 @@ from medmix_core.errors import MedmixError
 from medmix_core.metrics import METRICS, compute_metrics, mean_std
 from medmix_core.protocols import N_AVAILABLE, Protocol, apply_protocol, describe, parse_protocols
 from medmix_core.runner import (
+    choose_experts,
     clean_json,
     cohort_tensors,
-    default_committee,
     ensure_store,
+    existing_store,
     is_store,
     load_model,
     load_tensors,
@@ -100,12 +101,12 @@ def sweep(base: RunConfig, protocol: str, rates: list[float], fusers: list[str],
 def _sweep(base: RunConfig, protocol: str, rates: list[float], fusers: list[str], out: Path,
            modality: str | None, strength: float, covariate: str | None, keep_last: bool,
            log) -> list[dict[str, Any]]:
-    if not base.experts and not base.store:
-        from medmix_core.plugins import get_fuser
+    from medmix_core.plugins import get_fuser
 
-        # one committee for every fuser and rate, fixed before the store is opened
-        base = default_committee(base, get_fuser(fusers[0]), log)
-    store = ensure_store(base, log)
+    # one committee for every fuser and rate, fixed before training
+    existing = existing_store(base)
+    base = choose_experts(base, get_fuser(fusers[0]), existing, log)
+    store = ensure_store(base, log, existing)
     probe = load_tensors(base, store, teacher_needed=False)
     if protocol == "mar" and covariate is None:
         covariate = N_AVAILABLE

@@ -8,8 +8,9 @@ import tarfile
 import numpy as np
 import pytest
 from medmix_datasets import physionet2012 as p12
-from medmix_datasets.physionet2012 import PhysioNet2012, missing_rates, write_subset
+from medmix_datasets.physionet2012 import PhysioNet2012, write_subset
 
+from medmix_core.datasets import missing_rates
 from medmix_core.errors import DataError
 from medmix_core.plugins import get_dataset
 

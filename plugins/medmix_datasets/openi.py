@@ -69,8 +69,8 @@ from typing import Any
 import numpy as np
 
 from medmix_core import Dataset, ImageData, ModalitySpec, Sample, TaskSpec, TextData, hookimpl
+from medmix_core.datasets import missing_rates
 from medmix_core.errors import DataError
-from medmix_datasets.physionet2012 import missing_rates
 
 PARSER_VERSION = "1"
 REPORTS_TGZ = "NLMCXR_reports.tgz"

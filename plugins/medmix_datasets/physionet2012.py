@@ -64,8 +64,9 @@ from medmix_core import (
     TimeSeriesData,
     hookimpl,
 )
+from medmix_core.datasets import missing_rates
 from medmix_core.errors import DataError
-from medmix_core.store import sha256_file
+from medmix_core.plugin_utils import sha256_file
 
 #: bumps whenever parsing or cleaning rules change the samples (part of the cache key)
 PARSER_VERSION = "1"
@@ -639,19 +640,6 @@ class PhysioNet2012(Dataset):
                 "unknown_parameters": dict(sorted(c.unknown_parameters.items())),
                 "malformed_lines": c.malformed_lines,
                 "missing_rates": self.missing_rates()}
-
-
-def missing_rates(samples: list[Sample], modalities: list[ModalitySpec]) -> dict[str, float]:
-    """Per modality: the share of ``samples`` whose payload is None.
-
-    Args:
-        samples: loaded samples.
-        modalities: the dataset's modality specs (their order is kept).
-    Returns:
-        {modality name: missing rate in [0, 1]}.
-    """
-    n = max(len(samples), 1)
-    return {m.name: sum(s.modalities.get(m.name) is None for s in samples) / n for m in modalities}
 
 
 def write_subset(dest: str | Path, record_ids: list[int] | int, source: str | None = None,

@@ -25,9 +25,9 @@ import numpy as np
 
 from medmix_core import ExpertEncoder, ModalitySpec, hookimpl
 from medmix_core.errors import DataError
+from medmix_core.plugin_utils import check_options
 from medmix_experts.stats import (
     _names_array,
-    check_options,
     fitted_state,
     flatten_timeseries,
     restore_norm_state,

@@ -29,6 +29,7 @@ import numpy as np
 
 from medmix_core import ExpertEncoder, ModalitySpec, TabularData, TimeSeriesData, hookimpl
 from medmix_core.errors import DataError
+from medmix_core.plugin_utils import check_options
 
 TS_FEATURES = ("last", "mean", "min", "max", "log1p_count", "slope")
 
@@ -69,25 +70,6 @@ def fitted_state(expert: str, states: dict[str, dict[str, np.ndarray]],
         raise DataError(f"Expert {expert!r} is not fitted for modality {modality.name!r}: call "
                         f"fit() with training payloads or set_state() with a saved state.")
     return states[modality.name]
-
-
-def check_options(name: str, options: dict[str, Any], allowed: dict[str, Any]) -> None:
-    """Raise DataError for unknown options or options of the wrong type.
-
-    Args:
-        name: the expert, for messages.
-        options: what the user passed.
-        allowed: option name -> type or tuple of types (None is always accepted).
-    """
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise DataError(f"Expert {name!r}: unknown option(s) {unknown}; it takes "
-                        f"{sorted(allowed)}.")
-    for key, typ in allowed.items():
-        if key in options and options[key] is not None and not isinstance(options[key], typ):
-            want = " or ".join(t.__name__ for t in (typ if isinstance(typ, tuple) else (typ,)))
-            raise DataError(f"Expert {name!r}: option {key!r} must be {want}, got "
-                            f"{type(options[key]).__name__} ({options[key]!r}).")
 
 
 def _variable_map(modality: ModalitySpec, payload_vars: list[str], kind: str) -> list[int]:

@@ -38,7 +38,8 @@ import numpy as np
 from medmix_core import ExpertEncoder, ModalitySpec, TextData, hookimpl
 from medmix_core.errors import DataError
 from medmix_core.experts import check_payload_types
-from medmix_experts.stats import check_options, fitted_state
+from medmix_core.plugin_utils import check_options
+from medmix_experts.stats import fitted_state
 
 _TOKEN = re.compile(r"(?u)\b\w\w+\b")
 _OVERSAMPLE = 10
