@@ -23,6 +23,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +207,100 @@ def _clean_out(out: Path) -> None:
 
 
 # ---------------------------------------------------------------------- the extraction
+@dataclass
+class Request:
+    """What the caller asked for, checked before anything is read or written."""
+
+    dataset: str
+    out: Path
+    experts: list[str]
+    teachers: list[str]
+    source: str | None = None
+    device: str = "cpu"
+    shard_size: int = 1024
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
+    expert_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    teacher_rows: str = "train"
+    overwrite: bool = False
+    fit_from: Path | None = None
+    all_rows_split: str | None = None
+
+    def check(self) -> None:
+        """Raises ExtractError (or RunFolderError for --out) naming the bad argument."""
+        from medmix_core.runs import check_writable
+
+        if not self.experts and not self.teachers:
+            raise ExtractError("No experts given; name at least one (e.g. experts=['stats']).")
+        if not isinstance(self.shard_size, int) or self.shard_size < 1:
+            raise ExtractError(f"shard_size must be a positive integer, got "
+                               f"{self.shard_size!r}.")
+        if self.teacher_rows not in ("train", "all"):
+            raise ExtractError(f"teacher_rows must be 'train' or 'all', got "
+                               f"{self.teacher_rows!r}.")
+        if self.all_rows_split not in (None, "train", "val", "test"):
+            raise ExtractError(f"all_rows_split must be None, 'train', 'val' or 'test', got "
+                               f"{self.all_rows_split!r}.")
+        if self.fit_from is not None and self.teachers:
+            raise ExtractError(f"Teachers {self.teachers} are training-only; an extraction "
+                               f"that reuses fitted state (fit_from={str(self.fit_from)!r}) "
+                               f"encodes a cohort for evaluation and takes no teacher.")
+        check_writable(self.out, "--out")
+        if self.fit_from is not None and self.fit_from.resolve() == self.out.resolve():
+            raise ExtractError(f"--fit-from and --out are the same folder ({self.out}); the "
+                               f"cohort encoded with reused state needs a store of its own.")
+        unused = sorted(set(self.expert_options) - set(self.experts) - set(self.teachers))
+        if unused:
+            raise ExtractError(f"expert_options names {unused}, which are not among the "
+                               f"experts {self.experts} or teachers {self.teachers}.")
+
+
+@dataclass
+class Encoder:
+    """One constructed encoder and the dataset modalities it accepts."""
+
+    role: str  # "expert" | "teacher"
+    name: str
+    model: ExpertEncoder
+    modalities: list[ModalitySpec]
+
+
+@dataclass
+class Cohort:
+    """The dataset as read: samples, tasks, modalities, splits and what identifies them."""
+
+    dataset: Any
+    samples: list[Sample]
+    tasks: list[TaskSpec]
+    modalities: list[ModalitySpec]
+    splits: dict[str, list[int]]
+    key: dict[str, Any]
+
+    @property
+    def hash(self) -> str:
+        return _hash(self.key)
+
+    @property
+    def train(self) -> np.ndarray:
+        t = np.zeros(len(self.samples), dtype=bool)  # [N]
+        t[self.splits["train"]] = True
+        return t
+
+
+@dataclass
+class Job:
+    """One (role, modality, encoder) to have in the store, with its cache key."""
+
+    encoder: Encoder
+    modality: ModalitySpec
+    key: str
+    given: dict[str, Any] | None  # fitted state reused from fit_from, or None
+
+    @property
+    def label(self) -> str:  # the key of the extraction state (format kept)
+        return f"{self.encoder.role}:{self.modality.name}:{self.encoder.name}"
+
+
 def extract(
     dataset: str,
     out: str | Path,
@@ -254,53 +349,48 @@ def extract(
             store of other data without ``overwrite``, an encoder output of the wrong shape.
         DataError: invalid dataset content (duplicate ids, wrong payload kinds, labels).
     """
-    experts = parse_names(experts) or []
-    teachers = parse_names(teachers) or []
-    if not experts and not teachers:
-        raise ExtractError("No experts given; name at least one (e.g. experts=['stats']).")
-    if not isinstance(shard_size, int) or shard_size < 1:
-        raise ExtractError(f"shard_size must be a positive integer, got {shard_size!r}.")
-    if teacher_rows not in ("train", "all"):
-        raise ExtractError(f"teacher_rows must be 'train' or 'all', got {teacher_rows!r}.")
-    if all_rows_split not in (None, "train", "val", "test"):
-        raise ExtractError(f"all_rows_split must be None, 'train', 'val' or 'test', got "
-                           f"{all_rows_split!r}.")
-    if fit_from is not None and teachers:
-        raise ExtractError(f"Teachers {list(teachers)} are training-only; an extraction that "
-                           f"reuses fitted state (fit_from={str(fit_from)!r}) encodes a cohort "
-                           f"for evaluation and takes no teacher.")
-    from medmix_core.runs import check_writable
+    req = Request(dataset, Path(out), parse_names(experts) or [], parse_names(teachers) or [],
+                  source, device, shard_size, dict(dataset_options or {}), progress,
+                  dict(expert_options or {}), teacher_rows, overwrite,
+                  None if fit_from is None else Path(fit_from), all_rows_split)
+    req.check()
+    fitted = None if req.fit_from is None else _fitted_states(req.fit_from)
+    ds_cls = get_dataset(req.dataset)
+    ds = ds_cls(source=req.source, **req.dataset_options)
+    encoders = resolve_encoders(req, ds_cls, ds.modalities(), fitted)
+    cohort = read_cohort(req, ds, fitted is not None)
+    try:
+        with FolderLock(req.out, "store"):
+            state = _open_state(req.out, cohort.hash, cohort.key, req.overwrite)
+            jobs = plan_jobs(req, cohort, encoders, fitted)
+            store = _up_to_date(req.out, state, jobs)
+            if store is not None:
+                return store
+            run_jobs(req, cohort, jobs, state)
+            return write_manifest(req, cohort, ds_cls, state)
+    except OSError as exc:
+        raise ExtractError(f"Cannot write the store {req.out}: {exc}. Pass a writable --out "
+                           f"(nothing was changed in {req.out} beyond what was finished)."
+                           ) from exc
 
-    check_writable(out, "--out")
-    if fit_from is not None and Path(fit_from).resolve() == Path(out).resolve():
-        raise ExtractError(f"--fit-from and --out are the same folder ({out}); the cohort "
-                           f"encoded with reused state needs a store of its own.")
-    fitted = None if fit_from is None else _fitted_states(Path(fit_from))
-    expert_options = dict(expert_options or {})
-    unused = sorted(set(expert_options) - set(experts) - set(teachers))
-    if unused:
-        raise ExtractError(f"expert_options names {unused}, which are not among the experts "
-                           f"{list(experts)} or teachers {list(teachers)}.")
 
-    # resolve every name before any slow work, so a typo fails at once
-    ds_cls = get_dataset(dataset)
-    resolved = ([("expert", n, c) for n, c in _resolve(experts, "expert")]
-                + [("teacher", n, c) for n, c in _resolve(teachers, "teacher")])
-
-    ds = ds_cls(source=source, **(dataset_options or {}))
-    mods = ds.modalities()
+def resolve_encoders(req: Request, ds_cls: type, mods: list[ModalitySpec],
+                     fitted: dict | None) -> list[Encoder]:
+    """Step 1: every name resolved and every encoder built (absent weights fail here,
+    before the data is read), with the modalities each accepts."""
+    resolved = ([("expert", n, c) for n, c in _resolve(req.experts, "expert")]
+                + [("teacher", n, c) for n, c in _resolve(req.teachers, "teacher")])
     # base options: those the reused state was fitted with, else the dataset's defaults;
     # the caller's options override them key by key
     base = dict(getattr(ds_cls, "default_expert_options", {}) or {})
     for (_, name), given in (fitted or {}).items():
         if isinstance(given["provenance"].get("options"), dict):
             base[name] = given["provenance"]["options"]
-    expert_options = {name: {**base.get(name, {}), **expert_options.get(name, {})}
-                      for _, name, _ in resolved}
-    # build the encoders before reading the data, so absent weights fail at once
-    encoders: list[tuple[str, str, ExpertEncoder, list[ModalitySpec]]] = []
+    options = {name: {**base.get(name, {}), **req.expert_options.get(name, {})}
+               for _, name, _ in resolved}
+    out = []
     for role, name, cls in resolved:
-        enc = cls(**expert_options.get(name, {}))
+        enc = cls(**options.get(name, {}))
         if not isinstance(enc, ExpertEncoder):
             raise ExtractError(f"The {role} {name!r} is a {type(enc).__name__}, not an "
                                f"ExpertEncoder; the plugin registered the wrong object.")
@@ -309,92 +399,105 @@ def extract(
             have = ", ".join(f"{m.name} ({m.kind})" for m in mods)
             raise ExtractError(
                 f"The {role} {name!r} (kinds {list(getattr(enc, 'kinds', ()))}) accepts no "
-                f"modality of dataset {dataset!r}, whose modalities are: {have}. Experts that "
-                f"fit them -> {_who_fits(mods)}.")
-        encoders.append((role, name, enc.to(device), accepted))
+                f"modality of dataset {req.dataset!r}, whose modalities are: {have}. Experts "
+                f"that fit them -> {_who_fits(mods)}.")
+        out.append(Encoder(role, name, enc.to(req.device), accepted))
+    return out
 
+
+def read_cohort(req: Request, ds: Any, reuses_state: bool) -> Cohort:
+    """The dataset's samples, tasks and splits (or every row in ``all_rows_split``),
+    validated; its key identifies the data in the store's cache keys."""
+    mods = ds.modalities()
     samples = ds.samples()
-    tasks = ds.tasks()
-    if all_rows_split is None:
+    if req.all_rows_split is None:
         splits = {k: sorted(int(i) for i in v) for k, v in ds.splits(samples).items()}
     else:
         splits = {k: [] for k in ("train", "val", "test")}
-        splits[all_rows_split] = list(range(len(samples)))
-    _validate_dataset(dataset, samples, mods, splits, need_train=fitted is None)
-    n = len(samples)
+        splits[req.all_rows_split] = list(range(len(samples)))
+    _validate_dataset(req.dataset, samples, mods, splits, need_train=not reuses_state)
     ids = [str(s.id) for s in samples]
-    data_key = {"identity": ds.identity(), "n": n, "ids": _hash(ids), "splits": _hash(splits)}
-    data_hash = _hash(data_key)
-
-    out = Path(out)
-    try:
-        with FolderLock(out, "store"):
-            return _extract_locked(out, ds, ds_cls, dataset, samples, tasks, mods, splits,
-                                   encoders, fitted, fit_from, data_hash, data_key, overwrite,
-                                   shard_size, teacher_rows, progress)
-    except OSError as exc:
-        raise ExtractError(f"Cannot write the store {out}: {exc}. Pass a writable --out "
-                           f"(nothing was changed in {out} beyond what was finished).") from exc
+    key = {"identity": ds.identity(), "n": len(samples), "ids": _hash(ids),
+           "splits": _hash(splits)}
+    return Cohort(ds, samples, ds.tasks(), mods, splits, key)
 
 
-def _extract_locked(out: Path, ds, ds_cls, dataset: str, samples: list[Sample],
-                    tasks: list[TaskSpec], mods: list[ModalitySpec], splits, encoders, fitted,
-                    fit_from, data_hash: str, data_key: dict, overwrite: bool, shard_size: int,
-                    teacher_rows: str, progress: bool) -> EmbeddingStore:
-    """The extraction proper, with the store locked."""
-    n = len(samples)
-    ids = [str(s.id) for s in samples]
-    state = _open_state(out, data_hash, data_key, overwrite)
-    writer = StoreWriter(out)
-    train = np.zeros(n, dtype=bool)
-    train[splits["train"]] = True
-
-    # a key per (role, modality, encoder); entries already complete are not touched
-    todo = []
-    for role, name, enc, accepted in encoders:
+def plan_jobs(req: Request, cohort: Cohort, encoders: list[Encoder],
+              fitted: dict | None) -> list[Job]:
+    """Step 2: one job per (role, modality, encoder), keyed by everything that makes its
+    embeddings (data, encoder class, version, provenance, modality, shard size, rows)."""
+    jobs = []
+    for e in encoders:
+        accepted = e.modalities
         if fitted is not None:
-            accepted = [m for m in accepted if (m.name, name) in fitted]
+            accepted = [m for m in accepted if (m.name, e.name) in fitted]
             if not accepted:
-                have = sorted(f"{e} on {mod}" for mod, e in fitted)
-                raise ExtractError(f"fit_from={str(fit_from)!r} holds no fitted state of expert "
-                                   f"{name!r} for any modality of {dataset!r}; it holds {have}.")
+                have = sorted(f"{x} on {mod}" for mod, x in fitted)
+                raise ExtractError(f"fit_from={str(req.fit_from)!r} holds no fitted state of "
+                                   f"expert {e.name!r} for any modality of {req.dataset!r}; it "
+                                   f"holds {have}.")
         for m in accepted:
-            given = None if fitted is None else fitted[(m.name, name)]
+            given = None if fitted is None else fitted[(m.name, e.name)]
             if given is not None:
-                _check_given(given, enc, m, name, fit_from)
-            key = _hash({"data": data_hash, "role": role, "name": name,
+                _check_given(given, e.model, m, e.name, req.fit_from)
+            enc = e.model
+            key = _hash({"data": cohort.hash, "role": e.role, "name": e.name,
                          "class": f"{type(enc).__module__}.{type(enc).__qualname__}",
                          "version": getattr(enc, "version", "1"), "provenance": enc.provenance(),
-                         "modality": vars(m), "shard_size": shard_size,
-                         "rows": teacher_rows if role == "teacher" else "all",
+                         "modality": vars(m), "shard_size": req.shard_size,
+                         "rows": req.teacher_rows if e.role == "teacher" else "all",
                          "fit_from": None if given is None else given["sha256"]})
-            todo.append((role, name, enc, m, key, given))
-    wanted = {f"{role}:{m.name}:{name}": key for role, name, _, m, key, _ in todo}
-    done = all(state["encoders"].get(k, {}).get("key") == v
-               and state["encoders"][k].get("complete") for k, v in wanted.items())
-    if done and (out / "manifest.json").is_file() and state.get("manifest_key") == _hash(
-            sorted((k, e["key"]) for k, e in state["encoders"].items() if e.get("complete"))):
+            jobs.append(Job(e, m, key, given))
+    return jobs
+
+
+def _manifest_key(state: dict[str, Any]) -> str:
+    return _hash(sorted((k, e["key"]) for k, e in state["encoders"].items()
+                        if e.get("complete")))
+
+
+def _up_to_date(out: Path, state: dict[str, Any], jobs: list[Job]) -> EmbeddingStore | None:
+    """The store when every job is complete under its key and every file checks out."""
+    done = all(state["encoders"].get(j.label, {}).get("key") == j.key
+               and state["encoders"][j.label].get("complete") for j in jobs)
+    if done and (out / "manifest.json").is_file() and state.get("manifest_key") == \
+            _manifest_key(state):
         try:
             return EmbeddingStore.open(out, verify=True)  # hashes are cached per file
         except StoreError:
-            pass  # a file went missing or was damaged since: check every shard below
+            return None  # a file went missing or was damaged since: every shard is checked
+    return None
 
+
+def run_jobs(req: Request, cohort: Cohort, jobs: list[Job], state: dict[str, Any]) -> None:
+    """Step 3: fit (or restore) and encode every job's missing shards, with progress."""
+    writer = StoreWriter(req.out)
+    n = len(cohort.samples)
+    train = cohort.train
     bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=Console(stderr=True), disable=not progress)
+                    TimeElapsedColumn(), console=Console(stderr=True), disable=not req.progress)
     with bars:
         totals: dict[tuple[str, str], int] = {}
-        for role, name, *_ in todo:
-            totals[(role, name)] = totals.get((role, name), 0) + n
-        tasks_by_enc = {label: bars.add_task(f"{label[0]} {label[1]}", total=total)
-                        for label, total in totals.items()}
-        for role, name, enc, m, key, given in todo:
-            _extract_one(writer, state, samples, train, role, name, enc, m, key, shard_size,
-                         teacher_rows, bars, tasks_by_enc[(role, name)], given)
+        for j in jobs:
+            label = (j.encoder.role, j.encoder.name)
+            totals[label] = totals.get(label, 0) + n
+        bar_of = {label: bars.add_task(f"{label[0]} {label[1]}", total=total)
+                  for label, total in totals.items()}
+        for j in jobs:
+            e = j.encoder
+            _extract_one(writer, state, cohort.samples, train, e.role, e.name, e.model,
+                         j.modality, j.key, req.shard_size, req.teacher_rows, bars,
+                         bar_of[(e.role, e.name)], j.given)
 
-    labels_file, labels_sha = writer.write_labels(label_arrays(samples, tasks))
+
+def write_manifest(req: Request, cohort: Cohort, ds_cls: type,
+                   state: dict[str, Any]) -> EmbeddingStore:
+    """Step 4: labels, then the manifest of every complete entry, atomically; then open."""
+    writer = StoreWriter(req.out)
+    labels_file, labels_sha = writer.write_labels(label_arrays(cohort.samples, cohort.tasks))
     experts_m: dict[str, list[EncoderEntry]] = {}
     teachers_m: dict[str, list[EncoderEntry]] = {}
-    order = {m.name: i for i, m in enumerate(mods)}
+    order = {m.name: i for i, m in enumerate(cohort.modalities)}
     for k, e in state["encoders"].items():
         if not e.get("complete"):
             continue
@@ -405,19 +508,21 @@ def _extract_locked(out: Path, ds, ds_cls, dataset: str, samples: list[Sample],
         (experts_m if role == "expert" else teachers_m).setdefault(modality, []).append(entry)
     experts_m = dict(sorted(experts_m.items(), key=lambda kv: order.get(kv[0], len(order))))
     teachers_m = dict(sorted(teachers_m.items(), key=lambda kv: order.get(kv[0], len(order))))
-    report = {"dataset": _jsonable(ds.report()),
-              "missing_rates": modality_missing_rates(samples, mods),
-              "n_samples": n, "split_sizes": {k: len(v) for k, v in splits.items()},
-              "teacher_rows": teacher_rows,
-              "fit_from": None if fit_from is None else str(fit_from)}
-    writer.write_manifest(sample_ids=ids, modalities=mods, tasks=tasks, splits=splits,
-                          experts=experts_m, teachers=teachers_m, labels_file=labels_file,
-                          labels_sha256=labels_sha, dataset=_jsonable(data_key["identity"]),
+    samples = cohort.samples
+    report = {"dataset": _jsonable(cohort.dataset.report()),
+              "missing_rates": missing_rates(samples, cohort.modalities),
+              "n_samples": len(samples),
+              "split_sizes": {k: len(v) for k, v in cohort.splits.items()},
+              "teacher_rows": req.teacher_rows,
+              "fit_from": None if req.fit_from is None else str(req.fit_from)}
+    writer.write_manifest(sample_ids=[str(s.id) for s in samples], modalities=cohort.modalities,
+                          tasks=cohort.tasks, splits=cohort.splits, experts=experts_m,
+                          teachers=teachers_m, labels_file=labels_file,
+                          labels_sha256=labels_sha, dataset=_jsonable(cohort.key["identity"]),
                           report=report, attributes=sample_attributes(samples, ds_cls))
-    state["manifest_key"] = _hash(sorted((k, e["key"]) for k, e in state["encoders"].items()
-                                         if e.get("complete")))
-    _save_state(out, state)
-    return EmbeddingStore.open(out)
+    state["manifest_key"] = _manifest_key(state)
+    _save_state(req.out, state)
+    return EmbeddingStore.open(req.out)
 
 
 def _fitted_states(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
