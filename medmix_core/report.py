@@ -31,6 +31,12 @@ def _fmt(ms: dict[str, Any] | None) -> str:
     return f"{ms['mean']:.3f} ± {ms['std']:.3f}"
 
 
+def _fmt_value(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "undefined"
+    return f"{v:.3f}"
+
+
 def print_metrics(metrics: dict[str, Any]) -> None:
     """Rich table of one run's test (and external) metrics."""
     from rich.console import Console
@@ -41,9 +47,15 @@ def print_metrics(metrics: dict[str, Any]) -> None:
     t.add_column("split")
     for k in METRICS:
         t.add_column(LABELS[k])
-    t.add_row("test", *[_fmt(metrics["test"][k]) for k in METRICS])
+    t.add_row("test, mean ± std over seeds", *[_fmt(metrics["test"][k]) for k in METRICS])
+    if "test_ensemble" in metrics and len(metrics["seeds"]) > 1:
+        t.add_row("test, ensemble of the seeds", *[_fmt_value(metrics["test_ensemble"][k])
+                                                   for k in METRICS])
     if "external" in metrics:
-        t.add_row("external", *[_fmt(metrics["external"][k]) for k in METRICS])
+        t.add_row("external, mean ± std", *[_fmt(metrics["external"][k]) for k in METRICS])
+    if "external_ensemble" in metrics and len(metrics["seeds"]) > 1:
+        t.add_row("external, ensemble", *[_fmt_value(metrics["external_ensemble"][k])
+                                          for k in METRICS])
     c = Console()
     c.print(t)
     c.print(f"experts: {', '.join(sorted(set(metrics['experts'])))}; threshold "

@@ -534,9 +534,12 @@ def _train_and_evaluate(cfg, factory, store, tensors, spec, folder: RunFolder, d
         "store": str(store.path), "protocol": cfg.protocol,
         "selected_on_validation": selection,
     }
+    # the deployed model is the seeds' ensemble (predict averages their probabilities)
+    thr = sum(s["threshold"] for s in seeds_info) / len(seeds_info)
+    metrics["test_ensemble"] = compute_metrics(torch.stack(probs).mean(0), test_labels,
+                                               tensors.task_type, thr)
     if cfg.bootstrap:
         # CI of the seed-averaged prediction: resampling patients, seeded with 0
-        thr = sum(s["threshold"] for s in seeds_info) / len(seeds_info)
         known = tensors.label_mask[test_rows]
         metrics["test_ci95"] = bootstrap_ci(torch.stack(probs).mean(0)[known],
                                             test_labels[known], tensors.task_type, thr,
@@ -546,6 +549,9 @@ def _train_and_evaluate(cfg, factory, store, tensors, spec, folder: RunFolder, d
     if ext_per_seed:
         metrics["external"] = aggregate(ext_per_seed)
         metrics["external_per_seed"] = ext_per_seed
+        metrics["external_ensemble"] = compute_metrics(torch.stack(ext_probs).mean(0),
+                                                       ext_tensors.labels,
+                                                       ext_tensors.task_type, thr)
     _write_predictions(out / "predictions.csv", store, tensors, test_rows, probs, weights,
                        cfg.seeds, spec)
     if ext_probs:
