@@ -480,13 +480,12 @@ def profile(
     try:
         import torch
 
+        from medmix_core.efficiency import efficiency_table, write_efficiency
         from medmix_core.plugins import get_any_encoder
         from medmix_core.profile import (
-            efficiency_table,
             prepare_tensors,
             profile_fuser,
             profile_markdown,
-            write_efficiency,
             write_profile,
         )
 

@@ -34,6 +34,7 @@ from medmix_core.training import (
     make_spec,
     predict_rows,
     resolve_device,
+    resolve_distill,
     train_seed,
 )
 
@@ -420,8 +421,7 @@ def run(cfg: RunConfig, log=print, overwrite: bool = False, tracker=None) -> dic
     store = ensure_store(cfg, log, existing)
     _check_out_vs_store(out, store.path)
     fuser_cls_needs_teacher = factory.reads_teacher
-    if fuser_cls_needs_teacher and cfg.distill is None:
-        cfg = cfg.model_copy(update={"distill": False})  # its teacher is an input, not a target
+    cfg = resolve_distill(cfg)  # a teacher read at inference is an input, not a target
     teacher_needed = cfg.distill_on or fuser_cls_needs_teacher
     if fuser_cls_needs_teacher and not cfg.teacher:
         if store.default_teacher() is None:

@@ -16,7 +16,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -59,6 +59,9 @@ def resolve_device(name: str | None = "auto") -> torch.device:
 
 
 def make_spec(tensors: StoreTensors, families: dict[str, list[str]] | None = None) -> FusionSpec:
+    """The :class:`~medmix_core.fusion.FusionSpec` of ``tensors``: their modalities, experts
+    and dims in batch order, outputs, task type and teacher dims; ``families``: modality -> the
+    family of each of its experts ("general", "domain", "rag")."""
     return FusionSpec(modalities=list(tensors.modalities), experts=dict(tensors.experts),
                       dims=tensors.dims(), n_outputs=tensors.n_outputs,
                       task_type=tensors.task_type, teacher_dims=tensors.teacher_dims(),
@@ -204,7 +207,7 @@ def predict_rows(model: Fuser, tensors: StoreTensors, rows: torch.Tensor, device
     for start in range(0, len(rows), batch_size):
         idx = rows[start:start + batch_size]
         batch = tensors.batch(idx, mask).to(device)
-        with _autocast(device, amp):
+        with autocast_context(device, amp):
             out = model(batch)
         outs["logits"].append(out.logits.float().cpu())
         if out.modality_weights is not None:
@@ -218,7 +221,9 @@ def predict_rows(model: Fuser, tensors: StoreTensors, rows: torch.Tensor, device
     return res
 
 
-def _autocast(device: torch.device, amp: bool):
+def autocast_context(device: torch.device, amp: bool):
+    """The autocast context of training and prediction: bf16 (fp16 where the GPU lacks
+    bf16) on CUDA with ``amp``; full precision on the CPU."""
     if device.type == "cuda" and amp:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
@@ -260,6 +265,168 @@ def _pos_weight(tensors: StoreTensors, rows: torch.Tensor, cfg: RunConfig) -> to
     return torch.where(pos > 0, neg / pos.clamp_min(1.0), torch.ones_like(pos))
 
 
+def resolve_distill(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with distillation decided as ``medmix run`` decides it.
+
+    A fuser registered with ``reads_teacher`` (AdaCoMed) takes its teacher as an input, not
+    as a target: with ``distill`` unset, distillation is off for it. Every other fuser
+    distils when a teacher is named (:attr:`RunConfig.distill_on`).
+    """
+    if cfg.distill is None and get_fuser(cfg.fuser).reads_teacher:
+        return cfg.model_copy(update={"distill": False})
+    return cfg
+
+
+class TrainStep:
+    """One optimisation step of a fuser, as training takes it.
+
+    Built once per model, it owns what a step needs: AdamW over the fuser (and the teacher
+    heads when distillation is on) in three parameter groups (decay, no decay, router at
+    ``router_lr_scale`` x base), the linear warm-up schedule, autocast and the grad scaler,
+    the teacher heads and distillation losses, ``pos_weight`` of the training rows, and the
+    training-time mask augmentation. :func:`train_seed` runs it over epochs; profiling times
+    :meth:`update` on pre-built batches.
+
+    Args:
+        cfg: the run configuration (optimiser, loss, distillation, augmentation, amp).
+        model: the fuser to train; moved to ``device``. Build it first (its initialisation
+            draws from the global RNG before the teacher heads do).
+        tensors: the store's tensors (with teacher embeddings when distilling).
+        device: where the step runs.
+        train_rows: the training rows; ``pos_weight`` and the warm-up length come from them.
+        train_mask: expert masks replacing the stored ones (protocols), or None.
+        seed: named in errors only.
+
+    Attributes:
+        model: the fuser, on ``device``.
+        heads: the teacher projection heads (:class:`~medmix_core.distill.TeacherHeads`),
+            or None without distillation.
+        losses: distillation loss module -> weight.
+        optimizer: AdamW over ``params``.
+        scheduler: the linear warm-up (``LambdaLR``), stepped once per step.
+        scaler: the grad scaler (enabled for fp16 autocast only).
+        pos_weight: ``[C]`` positive-class weights of the BCE, or None.
+        params: every optimised parameter, in optimizer order (what is clipped).
+
+    Raises:
+        MedmixError: distillation is on but no teacher embeddings were loaded, or the fuser
+            exposes no modality representations to distil.
+    """
+
+    def __init__(self, cfg: RunConfig, model: Fuser, tensors: StoreTensors,
+                 device: torch.device, train_rows: torch.Tensor,
+                 train_mask: dict[str, torch.Tensor] | None = None,
+                 seed: int | None = None) -> None:
+        self.cfg, self.tensors, self.device, self.seed = cfg, tensors, device, seed
+        if device.type == "cpu":
+            torch.set_flush_denormal(True)  # denormal gradients slow CPU kernels by ~30 %
+        self.model = model.to(device)
+        self.heads: TeacherHeads | None = None
+        self.losses: dict[nn.Module, float] = {}
+        if cfg.distill_on:
+            if tensors.teacher is None:
+                raise MedmixError("Distillation is on but no teacher embeddings were loaded. "
+                                  "Pass --teacher NAME (extracted into the store) or use "
+                                  "--no-distill.")
+            if not model.rep_dim:
+                raise MedmixError(f"Fuser {cfg.fuser!r} exposes no modality representations, "
+                                  f"so it cannot be distilled. Run it with --no-distill.")
+            self.heads = TeacherHeads(tensors.teacher_dims(), model.rep_dim).to(device)
+            for name, w in cfg.distill_losses.items():
+                self.losses[get_loss(name)().to(device)] = float(w)
+        # teacher embeddings travel with a batch only where something reads them
+        self.reads_teacher = (self.heads is not None
+                              or bool(getattr(model, "uses_teacher_at_inference", False)))
+
+        self.optimizer = torch.optim.AdamW(_param_groups(model, self.heads, cfg), lr=cfg.lr,
+                                           betas=cfg.betas)
+        steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
+        warm = max(1, int(cfg.warmup_epochs * steps_per_epoch))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm))
+        use_scaler = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
+        self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+        pos_weight = _pos_weight(tensors, train_rows, cfg)
+        self.pos_weight = None if pos_weight is None else pos_weight.to(device)
+        self.base_mask = tensors.mask if train_mask is None else train_mask
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    @property
+    def full_weight_epoch(self) -> int:
+        """The first epoch at which distillation has its full weight ``lambda_d_max``."""
+        return self.cfg.distill_ramp_epochs
+
+    def distill_weight(self, epoch: int) -> float:
+        """lambda_D of ``epoch`` (0 without distillation)."""
+        if self.heads is None:
+            return 0.0
+        return distill_weight(epoch, self.cfg.lambda_d_max, self.cfg.distill_ramp_epochs)
+
+    def train(self) -> None:
+        """Put the fuser and the teacher heads in training mode (evaluation leaves them in
+        eval mode)."""
+        self.model.train()
+        if self.heads is not None:
+            self.heads.train()
+
+    def prepare(self, idx: torch.Tensor, gen: torch.Generator) -> Batch:
+        """The training batch of rows ``idx``: training masks, augmented (drawing from
+        ``gen``), on the device."""
+        batch = self.tensors.batch(idx, self.base_mask)
+        if not self.reads_teacher:
+            batch = replace(batch, teacher=None, teacher_mask=None)
+        em = augment_masks(batch.expert_mask, batch.modalities, self.cfg.modality_dropout,
+                           self.cfg.expert_dropout, gen)
+        return batch.with_masks(em).to(self.device)
+
+    def update(self, batch: Batch, epoch: int) -> dict[str, float]:
+        """Forward, loss, backward, clipping, optimizer and scheduler step on ``batch``.
+
+        Args:
+            batch: from :meth:`prepare`.
+            epoch: sets the distillation weight lambda_D(epoch).
+        Returns:
+            the batch-mean losses computed: ``task`` always, ``aux`` when the fuser has
+            one, ``distill`` when distillation weighs in this epoch.
+        Raises:
+            MedmixError: the loss is not finite.
+        """
+        lam = self.distill_weight(epoch)
+        with autocast_context(self.device, self.cfg.amp):
+            out = self.model(batch)
+            loss = task_loss(out.logits, batch, self.tensors.task_type, self.pos_weight)
+            rec = {"task": float(loss.detach())}
+            if out.aux_loss is not None:
+                loss = loss + out.aux_loss
+                rec["aux"] = float(out.aux_loss.detach())
+            if self.heads is not None and lam > 0:
+                dl = distillation_loss(out.reps, out.rep_mask, batch.modalities, batch.teacher,
+                                       batch.teacher_mask, self.heads, self.losses)
+                loss = loss + lam * dl
+                rec["distill"] = float(dl.detach())
+        if not torch.isfinite(loss):
+            cfg = self.cfg
+            where = f"epoch {epoch}" + ("" if self.seed is None else f" (seed {self.seed})")
+            raise MedmixError(
+                f"Training loss became {float(loss.detach())} at {where}. Lower --lr (now "
+                f"{cfg.lr:g}), check the store for extreme embedding values (`medmix "
+                f"extract` re-makes a damaged store)"
+                + (", or turn mixed precision off with `amp: false` in a --config file."
+                   if self.device.type == "cuda" and cfg.amp else "."))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return rec
+
+    def step(self, idx: torch.Tensor, epoch: int, gen: torch.Generator) -> dict[str, float]:
+        """One training step on rows ``idx``: :meth:`prepare` then :meth:`update`."""
+        return self.update(self.prepare(idx, gen), epoch)
+
+
 def train_seed(cfg: RunConfig, tensors: StoreTensors, spec: FusionSpec,
                splits: dict[str, list[int]], seed: int,
                train_mask: dict[str, torch.Tensor] | None = None,
@@ -278,84 +445,30 @@ def train_seed(cfg: RunConfig, tensors: StoreTensors, spec: FusionSpec,
     """
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
-    if device.type == "cpu":
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        torch.set_flush_denormal(True)  # denormal gradients slow CPU kernels by ~30 %
+    if device.type == "cpu" and cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = build_fuser(cfg, spec).to(device)
     train_rows = torch.as_tensor(splits["train"], dtype=torch.long)
     val_rows = torch.as_tensor(splits["val"], dtype=torch.long)
     check_trainable(tensors, splits)
-
-    losses: dict[nn.Module, float] = {}
-    heads = None
-    if cfg.distill_on:
-        if tensors.teacher is None:
-            raise MedmixError("Distillation is on but no teacher embeddings were loaded. Pass "
-                              "--teacher NAME (extracted into the store) or use --no-distill.")
-        if not model.rep_dim:
-            raise MedmixError(f"Fuser {cfg.fuser!r} exposes no modality representations, so "
-                              f"it cannot be distilled. Run it with --no-distill.")
-        heads = TeacherHeads(tensors.teacher_dims(), model.rep_dim).to(device)
-        for name, w in cfg.distill_losses.items():
-            losses[get_loss(name)().to(device)] = float(w)
-
-    opt = torch.optim.AdamW(_param_groups(model, heads, cfg), lr=cfg.lr, betas=cfg.betas)
-    steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
-    warm = max(1, int(cfg.warmup_epochs * steps_per_epoch))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-    use_scaler = (device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported())
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    pos_weight = _pos_weight(tensors, train_rows, cfg)
-    pos_weight = None if pos_weight is None else pos_weight.to(device)
-    base_mask = tensors.mask if train_mask is None else train_mask
+    step = TrainStep(cfg, model, tensors, device, train_rows, train_mask, seed)
 
     best = (math.inf, -1, None)
     history: list[dict[str, float]] = []
     bad = 0
     for epoch in range(cfg.epochs):
-        model.train()
-        if heads is not None:
-            heads.train()
-        lam = distill_weight(epoch, cfg.lambda_d_max, cfg.distill_ramp_epochs) if heads else 0.0
+        step.train()
+        lam = step.distill_weight(epoch)
         perm = train_rows[torch.randperm(len(train_rows), generator=gen)]
         tot = {"task": 0.0, "distill": 0.0, "aux": 0.0}
         for start in range(0, len(perm), cfg.batch_size):
             idx = perm[start:start + cfg.batch_size]
-            batch = tensors.batch(idx, base_mask)
-            em = augment_masks(batch.expert_mask, batch.modalities, cfg.modality_dropout,
-                               cfg.expert_dropout, gen)
-            batch = batch.with_masks(em).to(device)
-            with _autocast(device, cfg.amp):
-                out = model(batch)
-                loss = task_loss(out.logits, batch, tensors.task_type, pos_weight)
-                tot["task"] += float(loss.detach()) * len(idx)
-                if out.aux_loss is not None:
-                    loss = loss + out.aux_loss
-                    tot["aux"] += float(out.aux_loss.detach()) * len(idx)
-                if heads is not None and lam > 0:
-                    dl = distillation_loss(out.reps, out.rep_mask, batch.modalities,
-                                           batch.teacher, batch.teacher_mask, heads, losses)
-                    loss = loss + lam * dl
-                    tot["distill"] += float(dl.detach()) * len(idx)
-            if not torch.isfinite(loss):
-                raise MedmixError(
-                    f"Training loss became {float(loss.detach())} at epoch {epoch} (seed "
-                    f"{seed}). Lower --lr (now {cfg.lr:g}), check the store for extreme "
-                    f"embedding values (`medmix extract` re-makes a damaged store)"
-                    + (", or turn mixed precision off with `amp: false` in a --config file."
-                       if device.type == "cuda" and cfg.amp else "."))
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            params = [p for g in opt.param_groups for p in g["params"]]
-            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-        val_loss = evaluate_loss(model, tensors, val_rows, device, cfg, pos_weight, val_mask)
+            for k, v in step.step(idx, epoch, gen).items():
+                tot[k] += v * len(idx)
+        val_loss = evaluate_loss(model, tensors, val_rows, device, cfg, step.pos_weight,
+                                 val_mask)
         rec = {"epoch": epoch, "train_loss": tot["task"] / len(train_rows),
                "distill_loss": tot["distill"] / len(train_rows),
                "aux_loss": tot["aux"] / len(train_rows), "val_loss": val_loss,
@@ -371,8 +484,9 @@ def train_seed(cfg: RunConfig, tensors: StoreTensors, spec: FusionSpec,
             if bad >= cfg.patience:
                 break
     model.load_state_dict(best[2])
+    # the threshold and validation metrics on the configured device, then the model to CPU
+    val_pred = predict_rows(model.eval(), tensors, val_rows, device, mask=val_mask)
     model = model.cpu().eval()
-    val_pred = predict_rows(model, tensors, val_rows, torch.device("cpu"), mask=val_mask)
     val_labels = tensors.labels[val_rows]
     thr = (best_threshold(val_pred["probs"], val_labels, tensors.task_type)
            if cfg.threshold == "val" else float(cfg.threshold))
@@ -391,7 +505,7 @@ def evaluate_loss(model: Fuser, tensors: StoreTensors, rows: torch.Tensor, devic
     for start in range(0, len(rows), 1024):
         idx = rows[start:start + 1024]
         batch = tensors.batch(idx, mask).to(device)
-        with _autocast(device, cfg.amp):
+        with autocast_context(device, cfg.amp):
             out = model(batch)
         total += float(task_loss(out.logits, batch, tensors.task_type, pos_weight)) * len(idx)
         n += len(idx)

@@ -28,6 +28,7 @@ KIND_PAGES = {
     "fusers": "plugins/fusers.md",
     "losses": "plugins/losses.md",
     "datasets": "plugins/datasets.md",
+    "bridges": "plugins/experts.md",
 }
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*(?:\{#([\w-]+)\})?\s*$", re.MULTILINE)
 _NAME_HEADING = re.compile(r"^###\s+`([^`]+)`\s*(?:\{#[\w-]+\})?\s*$", re.MULTILINE)

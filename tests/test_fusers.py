@@ -53,8 +53,13 @@ def stores(tmp_path_factory) -> dict[str, tuple[StoreTensors, dict[str, list[int
     return out
 
 
+#: options a fuser needs on the synthetic stores (which have no expert of its own name)
+FUSER_OPTIONS = {"onellm": {"expert": "e0"}}
+
+
 def build(name: str, tensors: StoreTensors, **options):
     torch.manual_seed(0)
+    options = {**FUSER_OPTIONS.get(name, {}), **options}
     return get_fuser(name)(make_spec(tensors), d=D, dropout=0.1, **options).eval()
 
 
@@ -163,7 +168,8 @@ def test_shapes_masks_and_garbage(name, task, stores):
 def test_training_reduces_the_loss(name, stores):
     tensors, splits = stores["binary"]
     cfg = RunConfig(fuser=name, d=D, epochs=6, batch_size=64, lr=3e-3, patience=100,
-                    warmup_epochs=0, device="cpu", progress=False, seeds=[0])
+                    warmup_epochs=0, device="cpu", progress=False, seeds=[0],
+                    fuser_options=FUSER_OPTIONS.get(name, {}))
     res = train_seed(cfg, tensors, make_spec(tensors), splits, seed=0)
     first, last = res.history[0]["train_loss"], res.history[-1]["train_loss"]
     assert math.isfinite(last)

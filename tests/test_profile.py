@@ -1,5 +1,6 @@
 """Profiling: MAC counts against hand counts, deployed vs trainable parameters, memory
-tracking, and the efficiency table (Perf, Cost, EffScore, Pareto front)."""
+tracking, the machine description, and the efficiency table (Perf, Cost, EffScore, Pareto
+front)."""
 
 from __future__ import annotations
 
@@ -12,21 +13,16 @@ from torch import nn
 
 from medmix_core.batch import Batch, StoreTensors
 from medmix_core.config import make_config
+from medmix_core.efficiency import efficiency_table, pareto_front, write_efficiency
 from medmix_core.errors import MedmixError
 from medmix_core.experts import ExpertEncoder
+from medmix_core.flops import EXTRA_HANDLES, count_macs
 from medmix_core.fusion import FusionSpec
+from medmix_core.machine import busy_cpu_note, machine_info
+from medmix_core.memory import TensorMemoryTracker
 from medmix_core.plugins import get_fuser
-from medmix_core.profile import (
-    EXTRA_HANDLES,
-    TensorMemoryTracker,
-    count_macs,
-    efficiency_table,
-    load_profiles,
-    pareto_front,
-    profile_fuser,
-    write_efficiency,
-    write_profile,
-)
+from medmix_core.profile import load_profiles, profile_fuser, write_profile
+from medmix_core.units import format_bytes, format_count, format_macs
 
 
 @pytest.fixture
@@ -249,3 +245,34 @@ def test_pareto_front():
     assert not math.isnan(sum(cost))
     with pytest.raises(MedmixError):
         pareto_front([1.0, 2.0], [0.5])
+
+
+def test_profile_module_still_exports_what_the_cli_and_benchmarks_import():
+    import medmix_core.efficiency as efficiency
+    import medmix_core.machine as machine
+    import medmix_core.profile as profile
+
+    for name in ("efficiency_table", "prepare_tensors", "profile_fuser", "profile_markdown",
+                 "write_efficiency", "write_profile", "machine_info"):
+        assert callable(getattr(profile, name)), name
+    assert profile.efficiency_table is efficiency.efficiency_table
+    assert profile.machine_info is machine.machine_info
+
+
+def test_busy_cpu_note_only_when_threads_outnumber_a_loaded_machine():
+    info = {**machine_info("cpu"), "usable_cores": 2}
+    assert busy_cpu_note({**info, "torch_threads": 1, "loadavg": [9.0]}) is None
+    assert busy_cpu_note({**info, "torch_threads": 4, "loadavg": [1.5]}) is None
+    note = busy_cpu_note({**info, "torch_threads": 4, "loadavg": [9.0]})
+    assert note is not None and "Load average 9.0 on 2 cores" in note
+    assert busy_cpu_note({**info, "device": "cuda:0", "torch_threads": 4,
+                          "loadavg": [9.0]}) is None
+
+
+def test_units_keep_unmeasured_figures_apart_from_zero():
+    assert format_count(None) == "-" and format_count(0) == "0"
+    assert format_count(1234567) == "1,234,567"
+    assert format_bytes(None) == "-" and format_bytes(3 * 2**20) == "3.00 MiB"
+    assert format_macs(None) == "-" and format_macs(0) == "0"
+    assert (format_macs(2.5e9), format_macs(1.5e6), format_macs(1500)) == (
+        "2.500 G", "1.500 M", "1.50 K")

@@ -12,9 +12,16 @@ qwen2          general   text              Qwen/Qwen2-0.5B
 medcpt         domain    text              ncbi/MedCPT-Query-Encoder (encoder="article":
                                            ncbi/MedCPT-Article-Encoder)
 chronos        general   timeseries        amazon/chronos-t5-small
+rag-medcpt     rag       tabular,          ncbi/MedCPT-* + Qwen/Qwen2-0.5B + the MedlinePlus
+                         timeseries, text, health-topics XML
+                         image (bridge)
+onellm         general   image, volume     csuhan/OneLLM-7B (consolidated.00-of-01.pth)
 =============  ========  ================  =================================================
 
 Teachers (``register_teachers``): ``dinov3`` (facebook/dinov3-vitb16-pretrain-lvd1689m).
+
+Bridges (``register_bridges``): ``maira2`` (microsoft/maira-2), a chest X-ray to its
+findings, for ``rag-medcpt``.
 
 Weights are found in the ``model_path`` option, ``$MEDMIX_MODEL_DIR/<name>`` (``medcpt``:
 ``medcpt-query`` / ``medcpt-article``) or ``$MEDMIX_MODEL_DIR/<org>/<repo>``, or the local
@@ -27,13 +34,16 @@ from __future__ import annotations
 from medmix_core import hookimpl
 
 from .base import ExpertOptionError, FoundationExpert
+from .bridges import BRIDGES, Maira2Bridge
 from .chronos import ChronosExpert, MeanScaleUniformBins
 from .image_experts import BiomedCLIPExpert, Dinov2Expert, Dinov3Teacher, ImageExpert
+from .onellm import OneLLMExpert
+from .rag_medcpt import RAGMedCPTExpert
 from .text_experts import GatorTronExpert, MedCPTExpert, Qwen2Expert, TextExpert
 from .weights import CheckpointError, WeightsSpec, resolve_weights
 
 EXPERTS = (BiomedCLIPExpert, Dinov2Expert, GatorTronExpert, Qwen2Expert, MedCPTExpert,
-           ChronosExpert)
+           ChronosExpert, OneLLMExpert, RAGMedCPTExpert)
 TEACHERS = (Dinov3Teacher,)
 
 
@@ -49,6 +59,12 @@ def register_teachers(register):
         register(cls.name, cls)
 
 
+@hookimpl
+def register_bridges(register):
+    for cls in BRIDGES:
+        register(cls.name, cls)
+
+
 __all__ = [
     "BiomedCLIPExpert",
     "CheckpointError",
@@ -59,11 +75,15 @@ __all__ = [
     "FoundationExpert",
     "GatorTronExpert",
     "ImageExpert",
+    "Maira2Bridge",
     "MeanScaleUniformBins",
     "MedCPTExpert",
+    "OneLLMExpert",
     "Qwen2Expert",
+    "RAGMedCPTExpert",
     "TextExpert",
     "WeightsSpec",
+    "register_bridges",
     "register_experts",
     "register_teachers",
     "resolve_weights",
