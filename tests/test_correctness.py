@@ -388,21 +388,28 @@ def test_two_extract_processes_into_one_store_never_lose_an_expert(tmp_path):
     import subprocess
     import sys
 
+    from medmix_datasets.physionet2012 import write_subset
+
+    src = write_subset(tmp_path / "src", 40)
     out = tmp_path / "S"
     code = ("import sys; from medmix_core.extract import extract; "
-            "extract('synthetic', sys.argv[1], [sys.argv[2]], progress=False)")
+            "extract('physionet2012', sys.argv[1], [sys.argv[2]], source=sys.argv[3], "
+            "progress=False)")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(out), e], env=env,
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(out), e, str(src)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for e in ("stats", "stats")]
+             for e in ("grid", "stats")]
     outs = [p.communicate(timeout=300)[0] for p in procs]
-    codes = [p.returncode for p in procs]
-    # either one waits its turn (refused with the holder named) or both finish in turn
-    assert 0 in codes, outs
-    for c, o in zip(codes, outs):
-        assert c == 0 or "is being written by pid" in o, o
-    st = EmbeddingStore.open(out)
-    assert st.expert_names() == ["stats"]
+    finished = [e for e, p in zip(("grid", "stats"), procs) if p.returncode == 0]
+    # each either ran alone or was refused, naming the holder; none is silently lost
+    assert finished, outs
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0 or "is being written by pid" in o, o
+    assert EmbeddingStore.open(out).expert_names() == sorted(finished)
+    for e in ("grid", "stats"):  # and a second round, one after the other, keeps both
+        res = _cli("extract", "--source", src, "--experts", e, "--out", out, "--no-progress")
+        assert res.exit_code == 0, res.output
+    assert EmbeddingStore.open(out).expert_names() == ["grid", "stats"]
 
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
