@@ -135,8 +135,9 @@ def check_per_patient(wrapper: FlatFuser, flat: tuple[torch.Tensor, ...], name: 
 def load_run_models(run_dir: Path, seed: int | None = None) -> tuple[list[Fuser], dict]:
     """The run's deployed fusers (all seeds, or one), refusing teacher-reading ones."""
     from medmix_core.runner import load_model
+    from medmix_core.runs import open_run
 
-    seeds = sorted(p for p in run_dir.glob("seed_*") if (p / "model.json").is_file())
+    seeds = open_run(run_dir).finished_seeds()  # an incomplete run is refused
     if seed is not None:
         seeds = [p for p in seeds if p.name == f"seed_{seed}"]
     if not seeds:

@@ -163,7 +163,9 @@ class RunFiles:
         return sum(s["threshold"] for s in info) / len(info) if info else 0.5
 
     def seeds(self) -> list[Path]:
-        return sorted(p for p in self.path.glob("seed_*") if (p / "model.json").is_file())
+        from medmix_core.runs import RunFolder
+
+        return RunFolder(self.path).finished_seeds()
 
     def store_rows(self) -> Any:
         """Store row of every test id, ``[N]``."""
@@ -182,9 +184,11 @@ def read_run(path: str | Path) -> RunFiles:
     """Read a run folder's config, metrics and test predictions, and open its store."""
     import numpy as np
 
+    from medmix_core.runs import open_run
     from medmix_core.store import EmbeddingStore
 
     path = Path(path)
+    open_run(path)  # an incomplete run is refused, with how to finish it
     for name in ("metrics.json", "config.json", "predictions.csv"):
         if not (path / name).is_file():
             raise MedmixError(f"{path} lacks {name}: expected a folder written by `medmix run` "

@@ -209,6 +209,9 @@ def test_predict_refuses_an_incomplete_run_and_says_how_to_resume(tmp_path, synt
     assert res.exit_code == 0 and "predicting with seeds [0] of [0, 1, 2]" in res.output
     res = _cli("run", "--store", synth_store_path, "--out", out, *FAST)
     assert res.exit_code == 2 and "incomplete run" in res.output
+    for cmd in (["report", out], ["export", out, "--out", tmp_path / "m.onnx"]):
+        res = _cli(*cmd)
+        assert res.exit_code == 2 and "incomplete run" in res.output, (cmd, res.output)
 
 
 def test_a_legacy_folder_whose_seeds_do_not_match_its_metrics_is_refused(

@@ -22,6 +22,7 @@ from medmix_core.export import (
 )
 from medmix_core.plugins import get_fuser, registry
 from medmix_core.runner import save_model
+from medmix_core.runs import RunFolder
 from medmix_core.training import SeedResult, build_fuser, make_spec, predict_rows
 
 #: fusers whose prediction for a patient depends on the rest of the batch, or which read
@@ -38,11 +39,14 @@ def _run_folder(tmp_path, store, fuser: str, seeds=(0,)):
     cfg = RunConfig(store=str(store.path), fuser=fuser, d=16, teacher="teacher" if teacher
                     else None, distill=False)
     out = tmp_path / fuser
+    folder = RunFolder.prepare(out).start(seeds=list(seeds))
     for s in seeds:
         torch.manual_seed(s)
         model = build_fuser(cfg, spec).eval()
-        save_model(SeedResult(s, model, 0, 1, 0.5), spec, cfg, out / f"seed_{s}")
-    (out / "config.json").write_text(cfg.model_dump_json())
+        save_model(SeedResult(s, model, 0, 1, 0.5), spec, cfg, folder.seed_dir(s))
+        folder.seed_done(s)
+    folder.write_text("config.json", cfg.model_dump_json())
+    folder.finish()
     return out, tensors
 
 
@@ -89,7 +93,7 @@ def test_export_refuses_unknown_format_and_empty_run(tmp_path, synth_store):
     run_dir, _ = _run_folder(tmp_path, synth_store, "meanavg")
     with pytest.raises(MedmixError, match="expected one of onnx, torchscript"):
         export_run(run_dir, "tflite")
-    with pytest.raises(MedmixError, match="no trained model"):
+    with pytest.raises(MedmixError, match="is not a medmix run folder"):
         export_run(tmp_path / "nothing", "onnx")
     with pytest.raises(MedmixError, match="for seed 7"):
         export_run(run_dir, "onnx", seed=7)
