@@ -29,6 +29,7 @@ from medmix_core.runs import RunFolder, RunFolderError
 from medmix_core.store import EmbeddingStore, atomic_save_tensors, atomic_write_text, is_store
 from medmix_core.training import (
     SeedResult,
+    build_fuser,
     check_fuser_options,
     check_trainable,
     make_spec,
@@ -393,7 +394,8 @@ def _check_out_vs_store(out: Path, store_path: Path) -> None:
                              f"a results folder and a store must be separate folders.")
 
 
-def run(cfg: RunConfig, log=print, overwrite: bool = False, tracker=None) -> dict[str, Any]:
+def run(cfg: RunConfig, log=print, overwrite: bool = False, tracker=None,
+        check_only: bool = False) -> dict[str, Any] | None:
     """Train and evaluate ``cfg.fuser`` for every seed; write the results folder.
 
     Args:
@@ -403,6 +405,8 @@ def run(cfg: RunConfig, log=print, overwrite: bool = False, tracker=None) -> dic
             occupied folder is refused.
         tracker: a :class:`medmix_core.tracking.Tracker` that receives the config, every
             epoch's record, the final metrics and the run's files; None logs nowhere.
+        check_only: run every check (and the extractions they need), write no results
+            folder, return None: what :func:`compare` does for every fuser first.
     Returns:
         the metrics dict written to metrics.json (with "out").
     """
@@ -444,6 +448,11 @@ def run(cfg: RunConfig, log=print, overwrite: bool = False, tracker=None) -> dic
                 f"`medmix extract ... --teacher {cfg.teacher} --teacher-rows all --out "
                 f"{store.path}`.")
     spec = make_spec(tensors, families(store, tensors))
+    probe = build_fuser(cfg, spec)  # options and distillability, before any training
+    if cfg.distill_on and not probe.rep_dim:
+        raise MedmixError(f"Fuser {cfg.fuser!r} exposes no modality representations, so it "
+                          f"cannot be distilled from teacher {cfg.teacher!r}. Run it with "
+                          f"--no-distill (or without --teacher).")
     used = []
     for m in spec.modalities:
         used += [n for n in spec.experts[m] if n not in used]
@@ -457,6 +466,8 @@ def run(cfg: RunConfig, log=print, overwrite: bool = False, tracker=None) -> dic
         ext_tensors = cohort_tensors(ext_store, spec, tensors_task(cfg, store),
                                      cfg.teacher if fuser_cls_needs_teacher else None)
         check_compatible(spec, ext_tensors, f"External cohort {cfg.external_test}")
+    if check_only:
+        return None
 
     folder.start(seeds=list(cfg.seeds), fuser=cfg.fuser)
     try:
@@ -574,11 +585,13 @@ def compare(base: RunConfig, fusers: list[str], out: str | Path | None = None,
     from medmix_core.plugins import get_fuser
     from medmix_core.report import write_comparison
 
-    for f in fusers:  # every name and option set checked before anything runs
+    for f in fusers:  # every name checked before anything runs
         get_fuser(f)
     root = Path(out) if out else default_out(base, "comparison")
     folder = RunFolder.prepare(root, "comparison", overwrite)
     resolve_device(base.device)
+    for f in fusers:  # every fuser's whole pre-flight (options, distillation, store) first
+        run(base.model_copy(update={"fuser": f, "out": str(root / f)}), log, check_only=True)
     folder.start(fusers=fusers)
     results = []
     try:

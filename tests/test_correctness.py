@@ -525,3 +525,11 @@ def test_a_cohort_is_laid_out_by_name_whatever_its_store_order(tmp_path):
     with pytest.raises(StoreError, match="expert dims differ"):
         StoreTensors.from_store(a, layout=layout, dims={m: [d + 1 for d in v]
                                                         for m, v in ta.dims().items()})
+
+
+def test_a_comparison_checks_every_fuser_before_training_any(tmp_path, synth_store_path):
+    res = _cli("run", "--store", synth_store_path, "--fuser", "medmix,concat", "--teacher",
+               "teacher", "--out", tmp_path / "T", *FAST)
+    assert res.exit_code == 2 and "'concat' exposes no modality representations" in res.output
+    assert "seed 0: training" not in res.output  # medmix was not trained first
+    assert not (tmp_path / "T").exists()

