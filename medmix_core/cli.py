@@ -116,9 +116,10 @@ def build_config(config: Path | None, flags: dict[str, Any], sources: dict | Non
     for k, v in flags.items():
         if v is not None:
             values[k], origin[k] = v, "command line"
-    for k, v in _dataset_run_defaults(values).items():
-        if k not in values:
-            values[k], origin[k] = v, f"dataset {values.get('dataset') or 'physionet2012'}"
+    if values.get("preset") != "paper":  # the paper's recipe takes no dataset defaults
+        for k, v in _dataset_run_defaults(values).items():
+            if k not in values:
+                values[k], origin[k] = v, f"dataset {values.get('dataset') or 'physionet2012'}"
     cfg = make_config(**values)
     if sources is not None:
         sources.update({k: origin.get(k, "default") for k in type(cfg).model_fields})
@@ -182,6 +183,8 @@ def run(
     external_test: str | None = typer.Option(None, help="Second cohort (store, or raw source) to evaluate the trained models on."),
     external_dataset: str | None = typer.Option(None, help="Dataset plugin that reads a raw --external-test source (default: --dataset)."),
     bootstrap: int | None = typer.Option(None, help="Bootstrap resamples for 95% CIs of the test metrics (0 = off)."),
+    preset: str | None = typer.Option(None, help="Training recipe: default (built-in defaults and the dataset's run defaults) or paper (the paper's: lr 1e-5, patience 20, up to 200 epochs, no mask augmentation, convex mix, no dataset run defaults)."),
+    refit: bool | None = typer.Option(None, "--refit/--no-refit", help="Retrain each seed on train + validation for the epoch count chosen on validation, and deploy that model."),
     tracker: str | None = typer.Option(None, help="Log the run to mlflow or tensorboard (extra 'tracking')."),
     tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (default: a file store in RUN/mlruns)."),
     config: Path | None = typer.Option(None, help="JSON or YAML config file; flags override it."),
@@ -207,7 +210,8 @@ def run(
                      expert_dropout=expert_dropout, weight_decay=weight_decay,
                      keep_modalities=_csv(keep_modalities), fuser_options=fopts, threshold=thr,
                      device=device, threads=threads, external_test=external_test,
-                     external_dataset=external_dataset, bootstrap=bootstrap)
+                     external_dataset=external_dataset, bootstrap=bootstrap,
+                     preset=preset, refit=refit)
         sources: dict[str, str] = {}
         base = build_config(config, flags, sources)
         if show_config:

@@ -737,8 +737,8 @@ def render_report(path: str | Path, **options: Any) -> Path:
         out = path / "report.md"
         atomic_write_text(out, "\n".join(lines) + "\n")
         return out
-    if (path / "metrics.json").is_file():
-        return render_run_report(path, **options)
+    if (path / "metrics.json").is_file() or (path / "config.json").is_file():
+        return render_run_report(path, **options)  # an incomplete run is refused there
     raise MedmixError(f"{path} is neither a run folder (metrics.json) nor a sweep folder "
                       f"(sweep.json). Pass a folder written by `medmix run` or "
                       f"`medmix sweep`.")

@@ -34,6 +34,7 @@ from medmix_core.training import (
     check_trainable,
     make_spec,
     predict_rows,
+    refit_seed,
     resolve_device,
     resolve_distill,
     train_seed,
@@ -512,6 +513,9 @@ def _train_and_evaluate(cfg, factory, store, tensors, spec, folder: RunFolder, d
         on_epoch = None if tracker is None else (lambda rec, s=seed: tracker.log_epoch(s, rec))
         res = train_seed(cfg, tensors, spec, store.splits, seed, train_mask, eval_mask,
                          on_epoch=on_epoch)
+        if cfg.refit:  # the epoch count chosen on validation, trained on train + val
+            res = refit_seed(cfg, tensors, spec, store.splits, seed, res.best_epoch + 1,
+                             res.threshold, res.val_metrics, train_mask, on_epoch=on_epoch)
         model = res.model.to(device)
         pred = predict_rows(model, tensors, test_rows, device, mask=eval_mask)
         m = compute_metrics(pred["probs"], test_labels, tensors.task_type, res.threshold)
@@ -525,7 +529,7 @@ def _train_and_evaluate(cfg, factory, store, tensors, spec, folder: RunFolder, d
             ext_probs.append(ep["probs"])
         res.model = model.cpu()
         save_model(res, spec, cfg, folder.seed_dir(seed))
-        seeds_info.append({"seed": seed, "best_epoch": res.best_epoch,
+        seeds_info.append({"seed": seed, "best_epoch": res.best_epoch, "refit": cfg.refit,
                            "epochs_run": res.epochs_run, "seconds": round(res.seconds, 2),
                            "threshold": res.threshold, "val": res.val_metrics})
         folder.seed_done(seed)

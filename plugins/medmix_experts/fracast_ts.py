@@ -58,12 +58,12 @@ import numpy as np
 from medmix_core import ExpertEncoder, ModalitySpec, TimeSeriesData, hookimpl
 from medmix_core.errors import DataError, WeightsNotFoundError
 from medmix_core.experts import check_payload_types
+from medmix_core.plugin_utils import check_options
 from medmix_core.types import Payload
 from medmix_experts import serialize as ser
-from medmix_experts.sentence import (
+from medmix_experts.textmodel import (
     as_bool,
     autocast_for,
-    check_options,
     package_version,
     precision_entry,
     weights_sha256,

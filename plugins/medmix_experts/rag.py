@@ -48,12 +48,12 @@ import numpy as np
 
 from medmix_core import ExpertEncoder, ModalitySpec, hookimpl
 from medmix_core.errors import DataError, StoreError
+from medmix_core.plugin_utils import check_options
 from medmix_core.types import Payload
 from medmix_experts import serialize as ser
-from medmix_experts.sentence import (
+from medmix_experts.sentence import MiniLMExpert
+from medmix_experts.textmodel import (
     MINILM_PACKAGE,
-    MiniLMExpert,
-    check_options,
     package_version,
     precision_entry,
     text_hash,

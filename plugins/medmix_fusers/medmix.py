@@ -8,6 +8,15 @@ Eq. 3: per-modality head l^(m) = W_m z^(m); per-modality scorer s^(m) = u_m . z^
     w = softmax_m(s), unavailable modalities scored -1e4; fused = sum_m w^(m) l^(m).
 A sample with no modality gets the model's learned prior logits.
 
+Inter-modality variants (option ``inter`` of ``medmix``; "convex" is eq. 3 exactly and the
+default). A convex mix averages evidence: two modalities that each say +1 give +1. The
+additive variants let it add up:
+    gated-sum   fused = sum_m sigmoid(s^(m)) l^(m) over available m: the scorer gates each
+                modality's contribution in [0, 1] instead of sharing a unit budget.
+    sum         fused = sum_m l^(m) over available m (every gate 1; no scorer).
+Every variant gives unavailable modalities weight exactly 0, so what is masked cannot
+reach the output, and an empty row still gets the prior.
+
 Registered fusers:
     medmix            the method.
     medmix-uniform    ablation: uniform mean over the available experts (no router).
@@ -31,6 +40,7 @@ from medmix_core import (
     FusionSpec,
     InterFuser,
     IntraFuser,
+    MedmixError,
     hookimpl,
     masked_softmax,
 )
@@ -80,8 +90,46 @@ class ScorerInterFuser(InterFuser):
         return torch.einsum("bm,bmc->bc", w, logits), w
 
 
+class GatedSumInterFuser(ScorerInterFuser):
+    """Additive inter-modality fusion: each available modality's logits, gated by the
+    sigmoid of its scorer, are summed (not mixed convexly)."""
+
+    def forward(self, logits: torch.Tensor, reps: torch.Tensor,
+                mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = torch.einsum("bmd,md->bm", reps, self.score) + self.bias  # [B, M]
+        w = torch.sigmoid(s.float()).to(s.dtype) * mask.to(s.dtype)  # [B, M], 0 where masked
+        return torch.einsum("bm,bmc->bc", w, logits), w
+
+
+class SumInterFuser(InterFuser):
+    """Additive inter-modality fusion without a scorer: the masked sum of modality logits."""
+
+    def __init__(self, n_modalities: int, d: int, n_outputs: int) -> None:
+        super().__init__()
+
+    def forward(self, logits: torch.Tensor, reps: torch.Tensor,
+                mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = mask.to(logits.dtype)  # [B, M]
+        return torch.einsum("bm,bmc->bc", w, logits), w
+
+
+#: ``inter`` option of the medmix fuser -> its inter-modality fuser
+INTER_FUSERS = {"convex": ScorerInterFuser, "gated-sum": GatedSumInterFuser,
+                "sum": SumInterFuser}
+
+
+def inter_fuser(name: str):
+    """The inter-modality fuser class of option ``inter``; a clear error for unknown ones."""
+    try:
+        return INTER_FUSERS[name]
+    except (KeyError, TypeError):
+        raise MedmixError(f"medmix: inter={name!r} is not an inter-modality fusion; expected "
+                          f"one of {sorted(INTER_FUSERS)} (convex is eq. 3, the paper's). "
+                          f"Set it with --fuser-options '{{\"inter\": \"gated-sum\"}}'.") from None
+
+
 def build_medmix(spec: FusionSpec, d: int = 128, dropout: float = 0.1, adapter: bool = True,
-                 router_hidden: int = 0, **_: object) -> FusionModel:
+                 router_hidden: int = 0, inter: str = "convex", **_: object) -> FusionModel:
     """The MedMIX fuser.
 
     Args:
@@ -90,9 +138,12 @@ def build_medmix(spec: FusionSpec, d: int = 128, dropout: float = 0.1, adapter: 
         dropout: dropout of the per-expert projections.
         adapter: keep the residual adapters (False = ablation).
         router_hidden: 0 for a linear shared router, else the hidden width of an MLP router.
+        inter: inter-modality fusion: "convex" (eq. 3, the paper's; default), "gated-sum"
+            (the scorer's sigmoid gates each modality's logits, which are summed) or "sum"
+            (the masked sum of modality logits).
     """
     return FusionModel(spec, intra=lambda dd, k: RouterIntraFuser(dd, k, router_hidden),
-                       inter=ScorerInterFuser, d=d, dropout=dropout, adapter=adapter)
+                       inter=inter_fuser(inter), d=d, dropout=dropout, adapter=adapter)
 
 
 def build_medmix_uniform(spec: FusionSpec, d: int = 128, dropout: float = 0.1,
