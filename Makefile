@@ -24,8 +24,9 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+# MedMIX with the dataset's defaults, beside concatenation, so the demo shows where it stands
 demo: $(STAMP)
-	$(BIN)/medmix run
+	$(BIN)/medmix run --fuser medmix,concat
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
