@@ -509,12 +509,13 @@ def profile(
                 teacher_enc = get_any_encoder(tensors.teacher_name)()
         # a run's own fuser options (e.g. the expert chosen on validation) are what we profile
         run_opts: dict[str, dict] = {}
+        from medmix_core.runs import open_run
+
         for r in runs or []:
-            mj = sorted(Path(r).glob("seed_*/model.json"))
-            if mj:
-                meta = json.loads(mj[0].read_text())
-                opts = {k: v for k, v in meta["fuser_options"].items() if k not in ("d", "dropout")}
-                run_opts[meta["fuser"]] = opts
+            seeds = open_run(r).finished_seeds()  # an incomplete run is refused
+            meta = json.loads((seeds[0] / "model.json").read_text())
+            opts = {k: v for k, v in meta["fuser_options"].items() if k not in ("d", "dropout")}
+            run_opts[meta["fuser"]] = opts
         results = []
         names = _csv(fuser) or ["medmix"]
         for f in names:

@@ -533,9 +533,11 @@ def _fitted_states(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
                  "provenance": e.provenance, "state_file": e.state_file}
                 for es in store.experts.values() for e in es]
     elif (path / "encoders.json").is_file():
+        from medmix_core.runs import RunFolder
+
         try:
-            recs = json.loads((path / "encoders.json").read_text("utf-8"))["encoders"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            recs = RunFolder(path).encoders()["encoders"]
+        except (MedmixError, KeyError, TypeError) as exc:
             raise ExtractError(f"{path / 'encoders.json'} is not a valid list of encoders "
                                f"({exc}); it should be written by `medmix run`.") from exc
     else:
