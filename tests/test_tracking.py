@@ -144,3 +144,28 @@ def test_mlflow_default_store_is_inside_the_run_folder_and_failure_is_recorded(r
     exp = client.get_experiment_by_name("medmix")
     runs = client.search_runs([exp.experiment_id])
     assert runs[0].info.status == "FAILED"
+
+
+def test_the_cli_flag_logs_the_run_to_tensorboard(tmp_path, synth_store_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from typer.testing import CliRunner
+
+    from medmix_core.cli import app
+
+    out = tmp_path / "R"
+    res = CliRunner().invoke(app, ["run", "--store", str(synth_store_path), "--epochs", "3",
+                                   "--d", "8", "--bootstrap", "0", "--out", str(out),
+                                   "--tracker", "tensorboard"])
+    assert res.exit_code == 0, res.output
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    m = json.loads((out / "metrics.json").read_text())
+    tags = acc.Tags()["scalars"]
+    assert any(t.endswith("val_loss") for t in tags), tags
+    auroc = [t for t in tags if t == "test/auroc_mean"]
+    assert auroc and acc.Scalars(auroc[0])[-1].value == pytest.approx(
+        m["test"]["auroc"]["mean"], abs=1e-6)
+    res = CliRunner().invoke(app, ["run", "--store", str(synth_store_path), "--out",
+                                   str(tmp_path / "S"), "--tracker", "wandb"])
+    assert res.exit_code == 2 and "mlflow or tensorboard" in res.output
