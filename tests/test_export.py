@@ -31,13 +31,17 @@ NOT_EXPORTABLE = {"m3care": "not per-patient", "adacomed": "teacher",
                   "teacher-only": "teacher"}
 
 
+#: options a fuser needs on the synthetic store (which has no expert of its own name)
+FUSER_OPTIONS = {"onellm": {"expert": "e0"}}
+
+
 def _run_folder(tmp_path, store, fuser: str, seeds=(0,)):
     """A run folder with untrained weights: parity needs real inputs, not a good model."""
     teacher = get_fuser(fuser).reads_teacher
     tensors = StoreTensors.from_store(store, None, None, "teacher" if teacher else None)
     spec = make_spec(tensors)
     cfg = RunConfig(store=str(store.path), fuser=fuser, d=16, teacher="teacher" if teacher
-                    else None, distill=False)
+                    else None, distill=False, fuser_options=FUSER_OPTIONS.get(fuser, {}))
     out = tmp_path / fuser
     folder = RunFolder.prepare(out).start(seeds=list(seeds))
     for s in seeds:

@@ -55,7 +55,8 @@ def _open_and_load(path: Path) -> None:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-5, 10 ** 6) | st.floats(allow_nan=True)
+    st.none() | st.booleans() | st.integers(-5, 10 ** 6)
+    | st.floats(allow_nan=True, allow_subnormal=False)
     | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
                                                                 max_size=3),
