@@ -594,6 +594,8 @@ def compare(base: RunConfig, fusers: list[str], out: str | Path | None = None,
     root = Path(out) if out else default_out(base, "comparison")
     folder = RunFolder.prepare(root, "comparison", overwrite)
     resolve_device(base.device)
+    # one committee for every fuser, planned (and said) once
+    base = choose_experts(base, get_fuser(fusers[0]), existing_store(base), log)
     for f in fusers:  # every fuser's whole pre-flight (options, distillation, store) first
         run(base.model_copy(update={"fuser": f, "out": str(root / f)}), log, check_only=True)
     folder.start(fusers=fusers)
