@@ -57,10 +57,10 @@ def _split_outcomes(run: Any) -> dict[str, dict[str, int]]:
 
 
 def model_card(run: Any, clin: dict[str, Any]) -> str:
-    """The model card's markdown for a run read by :func:`medmix_core.report.read_run`.
+    """The model card's markdown for a run read by :func:`medmix_core.run_report.read_run`.
 
     Args:
-        run: a :class:`~medmix_core.report.RunFiles`.
+        run: a :class:`~medmix_core.run_report.RunFiles`.
         clin: the clinical results ``medmix report`` computed (calibration, subgroups,
             decision curve, thresholds), as written to clinical.json.
     """

@@ -15,7 +15,8 @@ from medmix_core import clinical as C
 from medmix_core.cli import app
 from medmix_core.config import RunConfig
 from medmix_core.errors import MedmixError
-from medmix_core.report import expected_calibration_error, read_run, render_report
+from medmix_core.report import render_report
+from medmix_core.run_report import expected_calibration_error, read_run
 
 runner = CliRunner()
 
