@@ -36,7 +36,7 @@ from medmix_core.config import parse_names
 from medmix_core.datasets import missing_rates
 from medmix_core.errors import DataError, MedmixError, StoreError, UnknownPluginError
 from medmix_core.experts import ExpertEncoder
-from medmix_core.files import cached_sha256, sha256_file
+from medmix_core.files import cached_sha256, jsonable, sha256_file
 from medmix_core.lock import FolderLock
 from medmix_core.plugins import get_dataset, get_expert, get_teacher, registry
 from medmix_core.store import (
@@ -60,21 +60,8 @@ class ExtractError(MedmixError):
 
 
 # ---------------------------------------------------------------------- small helpers
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON types from numpy scalars/arrays, tuples and paths."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
+#: one owner: :func:`medmix_core.files.jsonable`
+_jsonable = jsonable
 
 
 def _hash(obj: Any) -> str:

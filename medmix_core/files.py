@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 _memo: dict[tuple, str] = {}
 _lock = threading.Lock()
@@ -84,3 +86,23 @@ def cached_sha256(path: str | os.PathLike) -> str:
     with _lock:
         _memo[key] = digest
     return digest
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON types from numpy scalars and arrays, tuples and paths; NaN and Inf become
+    None (JSON null: an unknown value, never a number)."""
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)

@@ -15,11 +15,11 @@ from typing import Any
 
 from medmix_core.errors import DataError
 from medmix_core.experts import check_payload_types
-from medmix_core.files import cache_dir, cached_sha256, sha256_file
+from medmix_core.files import cache_dir, cached_sha256, jsonable, sha256_file
 from medmix_core.store import atomic_save_tensors, atomic_write_bytes, atomic_write_text
 
 __all__ = ["atomic_write_text", "atomic_write_bytes", "atomic_save_tensors", "sha256_file",
-           "cached_sha256", "cache_dir", "check_payload_types", "check_options"]
+           "cached_sha256", "cache_dir", "check_payload_types", "check_options", "jsonable"]
 
 
 def check_options(name: str, options: dict[str, Any], allowed: dict[str, Any],

@@ -44,6 +44,7 @@ from medmix_core import (
     TimeSeriesData,
 )
 from medmix_core.errors import DataError
+from medmix_core.plugin_utils import jsonable
 from medmix_core.store import atomic_write_bytes, atomic_write_text
 
 #: bumps whenever reading, cleaning or cohort rules change the samples (part of the cache key)
@@ -370,6 +371,17 @@ class Table:
         finally:
             self.close()
 
+    def well_formed_rows(self, counts: TableCounts) -> Iterator[list[str]]:
+        """The rows with as many fields as the header; every row is counted, a malformed one
+        is counted as bad (with its line) and skipped."""
+        n = len(self.header)
+        for row in self.rows():
+            counts.rows += 1
+            if len(row) != n:
+                counts.bad(self, f"{len(row)} fields, the header has {n}")
+                continue
+            yield row
+
     def close(self) -> None:
         try:
             self._text.close()
@@ -403,6 +415,22 @@ class TableCounts:
             raise DataError(f"{table.path}: {self.malformed} of {self.rows} rows of the "
                             f"{table.label} table are malformed (e.g. {self.examples[:2]}); "
                             f"this is not the published {table.label} table.")
+
+
+def add_windowed_note(c: TableCounts, table: Table, notes: Any, windows: Any, modality: str,
+                      subject: str, when: str, text: str, time_column: str) -> None:
+    """A note charted at ``when`` joins the stay of ``subject`` whose window holds it; a note
+    outside every window is counted, an unreadable time is a bad row."""
+    try:
+        t = parse_time(when)
+    except ValueError:
+        c.bad(table, f"{time_column} {when!r} is not a date-time")
+        return
+    s = windows.find(subject, t)
+    if s >= 0 and text.strip():
+        notes.add(s, modality, t, text)
+    elif s == -2:
+        notes.count(modality, "outside_window")
 
 
 def parse_time(s: str) -> float:
@@ -442,12 +470,7 @@ def read_small(path: Path, label: str, columns: dict[str, tuple[str, ...]],
     idx = {k: table.col(*names, required=k not in optional) for k, names in columns.items()}
     c = counts[label] = TableCounts(path=str(path))
     out = []
-    n = len(table.header)
-    for row in table.rows():
-        c.rows += 1
-        if len(row) != n:
-            c.bad(table, f"{len(row)} fields, the header has {n}")
-            continue
+    for row in table.well_formed_rows(c):
         rec = {k: ("" if i is None else row[i].strip()) for k, i in idx.items()}
         if keep is None or keep(rec):
             out.append(rec)
@@ -820,7 +843,7 @@ def save_cohort(folder: Path, key: str, cohort: Cohort) -> None:
            "events_sha256": digest, "stays": [asdict(s) for s in cohort.stays],
            "split": {str(k): v for k, v in cohort.split.items()}, "images": cohort.images,
            "meta": cohort.meta, "report": cohort.report}
-    atomic_write_text(folder / "cohort.json", json.dumps(_json_safe(doc)))
+    atomic_write_text(folder / "cohort.json", json.dumps(jsonable(doc)))
 
 
 def load_cohort(folder: Path, key: str) -> Cohort | None:
@@ -846,18 +869,6 @@ def load_cohort(folder: Path, key: str) -> Cohort | None:
         warnings.warn(f"The cohort cache in {folder} is damaged ({exc}); rebuilding it from "
                       f"the raw tables.", stacklevel=3)
         return None
-
-
-def _json_safe(o: Any) -> Any:
-    if isinstance(o, float):
-        return None if not math.isfinite(o) else o
-    if isinstance(o, dict):
-        return {str(k): _json_safe(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_json_safe(v) for v in o]
-    if isinstance(o, np.generic):
-        return _json_safe(o.item())
-    return o
 
 
 def sort_events(events: Events, n_stays: int) -> dict[str, np.ndarray]:
@@ -1079,7 +1090,7 @@ class MimicDataset(Dataset):
         """Sources found, exclusions, prevalences, values dropped and why, bad rows, split."""
         c = self.cohort()
         samples = self.samples()
-        rep = json.loads(json.dumps(_json_safe(c.report)))
+        rep = json.loads(json.dumps(jsonable(c.report)))
         labels = {}
         for t in TASKS:
             y = np.array([s.labels[t] for s in samples], dtype=float)

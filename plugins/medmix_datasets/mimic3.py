@@ -191,12 +191,7 @@ def _notes(path: Path, windows: mx.Windows, notes: mx.Notes, counts,
     i_cat, i_text = table.col("CATEGORY"), table.col("TEXT")
     i_err = table.col("ISERROR", required=False)
     c = counts["NOTEEVENTS"] = mx.TableCounts(path=str(path))
-    n = len(table.header)
-    for row in table.rows():
-        c.rows += 1
-        if len(row) != n:
-            c.bad(table, f"{len(row)} fields, the header has {n}")
-            continue
+    for row in table.well_formed_rows(c):
         if row[i_sub] not in windows.by_subject:
             continue
         cat = row[i_cat].strip().lower()
@@ -212,16 +207,8 @@ def _notes(path: Path, windows: mx.Windows, notes: mx.Notes, counts,
         if not row[i_time].strip():
             notes.count(mod, "no_charttime")
             continue
-        try:
-            t = mx.parse_time(row[i_time])
-        except ValueError:
-            c.bad(table, f"CHARTTIME {row[i_time]!r} is not a date-time")
-            continue
-        s = windows.find(row[i_sub], t)
-        if s >= 0 and row[i_text].strip():
-            notes.add(s, mod, t, row[i_text])
-        elif s == -2:
-            notes.count(mod, "outside_window")
+        mx.add_windowed_note(c, table, notes, windows, mod, row[i_sub], row[i_time],
+                             row[i_text], "CHARTTIME")
     c.check(table)
     c.seconds = time.perf_counter() - t0
 

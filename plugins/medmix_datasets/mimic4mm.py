@@ -296,12 +296,7 @@ class Mimic4MM(mx.MimicDataset):
                                           "StudyDate", "StudyTime")}
         c = counts[CXR_METADATA] = mx.TableCounts(path=str(path))
         best: dict[tuple[int, str], tuple[float, int, str, str]] = {}
-        n = len(table.header)
-        for row in table.rows():
-            c.rows += 1
-            if len(row) != n:
-                c.bad(table, f"{len(row)} fields, the header has {n}")
-                continue
+        for row in table.well_formed_rows(c):
             sub = row[cols["subject_id"]]
             if sub not in windows.by_subject:
                 continue
@@ -390,12 +385,7 @@ def read_note_table(path: Path, label: str, modality: str, windows: mx.Windows,
     i_sub, i_hadm = table.col("subject_id"), table.col("hadm_id")
     i_time, i_text = table.col("charttime"), table.col("text")
     c = counts[label] = mx.TableCounts(path=str(path))
-    n = len(table.header)
-    for row in table.rows():
-        c.rows += 1
-        if len(row) != n:
-            c.bad(table, f"{len(row)} fields, the header has {n}")
-            continue
+    for row in table.well_formed_rows(c):
         if by_hadm is not None:
             s = by_hadm.get(mx.to_int(row[i_hadm]) or -1, -1)
             if s >= 0:
@@ -403,16 +393,8 @@ def read_note_table(path: Path, label: str, modality: str, windows: mx.Windows,
             continue
         if row[i_sub] not in windows.by_subject:
             continue
-        try:
-            t = mx.parse_time(row[i_time])
-        except ValueError:
-            c.bad(table, f"charttime {row[i_time]!r} is not a date-time")
-            continue
-        s = windows.find(row[i_sub], t)
-        if s >= 0 and row[i_text].strip():
-            notes.add(s, modality, t, row[i_text])
-        elif s == -2:
-            notes.count(modality, "outside_window")
+        mx.add_windowed_note(c, table, notes, windows, modality, row[i_sub], row[i_time],
+                             row[i_text], "charttime")
     c.check(table)
     c.seconds = time.perf_counter() - t0
 
