@@ -26,6 +26,7 @@ EXPERTS = REG.names("experts")
 TEACHERS = REG.names("teachers")
 LOSSES = REG.names("losses")
 DATASETS = REG.names("datasets")
+BRIDGES = REG.names("bridges")
 CXR = sorted((Path(__file__).parent / "fixtures" / "cxr").glob("*.jpeg"))
 
 
@@ -142,3 +143,21 @@ def test_every_dataset_describes_itself_or_asks_for_its_source(name):
     assert mods and tasks
     assert len({m.name for m in mods}) == len(mods)
     assert all(t.type in ("binary", "multilabel", "multiclass") for t in tasks)
+
+
+@pytest.mark.parametrize("name", BRIDGES)
+def test_every_bridge_writes_text_for_real_inputs_or_explains_absent_weights(name):
+    from medmix_core.bridges import Bridge
+    from medmix_core.plugins import get_bridge
+
+    cls = get_bridge(name)
+    assert issubclass(cls, Bridge) and cls.kinds, f"{name} must declare its kinds"
+    candidates = list(_other_payloads().values())
+    spec, payloads = next(((s, p) for s, p in candidates if s.kind in cls.kinds), (None, None))
+    assert spec is not None, f"{name}: no test input for kinds {cls.kinds}"
+    try:
+        texts = cls().texts(spec, payloads[:2])
+    except WeightsNotFoundError as err:
+        _assert_helpful(err)
+        pytest.skip(f"{name}: weights absent here ({str(err).splitlines()[0][:120]})")
+    assert len(texts) == 2 and all(isinstance(t, str) and t.strip() for t in texts)
