@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +183,11 @@ def run(
     threads: int | None = typer.Option(None, help="CPU threads for training (default 1: the fusion networks are small)."),
     out: str | None = typer.Option(None, help="Results folder (default runs/<timestamp>-<fuser>); an occupied one is refused."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the run already in --out, then write this one."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out started with the same configuration (finished seeds kept, the others from their last epoch); starts when --out is empty."),
+    sequential: bool | None = typer.Option(None, "--sequential/--together", help="Train the seeds one after another instead of together as one vectorised model (the default where the fuser allows)."),
+    data_parallel: bool | None = typer.Option(None, "--data-parallel", help="Under torchrun / --nproc: every process trains each seed on its share of each batch (DDP) instead of the processes sharing out the seeds."),
+    stream: bool | None = typer.Option(None, "--stream/--in-memory", help="Read embeddings from disk batch by batch (a store larger than memory) or load them; default: by the store's size."),
+    nproc: int | None = typer.Option(None, help="Start this many processes through torch.distributed.run (one per GPU, or CPU processes): the same as `torchrun --nproc-per-node N --no-python medmix ...`."),
     external_test: str | None = typer.Option(None, help="Second cohort (store, or raw source) to evaluate the trained models on."),
     external_dataset: str | None = typer.Option(None, help="Dataset plugin that reads a raw --external-test source (default: --dataset)."),
     bootstrap: int | None = typer.Option(None, help="Bootstrap resamples for 95% CIs of the test metrics (0 = off)."),
@@ -194,6 +202,7 @@ def run(
 
     With no arguments: bundled PhysioNet 2012, in-hospital mortality, fuser medmix.
     """
+    relaunch(nproc)
     try:
         thr = parse_threshold(threshold)
         fopts = parse_json_option(fuser_options, "--fuser-options")
@@ -211,7 +220,8 @@ def run(
                      keep_modalities=_csv(keep_modalities), fuser_options=fopts, threshold=thr,
                      device=device, threads=threads, external_test=external_test,
                      external_dataset=external_dataset, bootstrap=bootstrap,
-                     preset=preset, refit=refit)
+                     preset=preset, refit=refit, sequential=sequential,
+                     data_parallel=data_parallel, stream=stream)
         sources: dict[str, str] = {}
         base = build_config(config, flags, sources)
         if show_config:
@@ -230,14 +240,17 @@ def run(
             cfg = base if fusers[0] is None else base.model_copy(update={"fuser": fusers[0]})
             if out is not None:
                 cfg = cfg.model_copy(update={"out": out})
-            print_metrics(run_one(cfg, overwrite=overwrite,
-                                  tracker=_tracker(tracker, tracking_uri)))
+            metrics = run_one(cfg, overwrite=overwrite, resume=resume,
+                              tracker=_tracker(tracker, tracking_uri))
+            if is_main():
+                print_metrics(metrics)
         else:
             if tracker is not None:
                 raise MedmixError("--tracker logs one run; give one --fuser, or track each "
                                   "fuser's run separately.")
-            for metrics in compare(base, fusers, out, overwrite):
-                print_metrics(metrics)
+            for metrics in compare(base, fusers, out, overwrite, resume=resume):
+                if is_main():
+                    print_metrics(metrics)
     except (MedmixError, OSError) as exc:
         _fail(exc)
 
@@ -267,8 +280,10 @@ def extract(
     all_rows_split: str | None = typer.Option(None, help="Put every row in this split (train, val or test), e.g. test for a cohort only predicted on."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store in --out that was made from other data."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar per expert."),
+    nproc: int | None = typer.Option(None, help="Start this many processes through torch.distributed.run; each encodes its share of the shards (one GPU each)."),
 ) -> None:
     """Encode a dataset with expert plugins into an EmbeddingStore (batched, resumable)."""
+    relaunch(nproc)
     try:
         from medmix_core.extract import extract as do_extract
         from medmix_core.training import resolve_device
@@ -354,6 +369,8 @@ def sweep(
     fuser: str = typer.Option("medmix", help="Comma-separated fusers to compare."),
     out: Path = typer.Option(..., help="Sweep folder (tables, plots, one run folder per fuser/rate); an occupied one is refused."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the sweep already in --out, then write this one."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the sweep in --out started with the same options: finished cells are kept, unfinished ones continue."),
+    nproc: int | None = typer.Option(None, help="Start this many processes through torch.distributed.run; each cell's seeds are shared out over them."),
     modality: str | None = typer.Option(None, help="Modality for *-one/mar/mnar (default: each in turn)."),
     strength: float = typer.Option(0.0, help="mar/mnar dependence strength (logit units)."),
     covariate: str | None = typer.Option(None, help="mar covariate (default n_available: modalities observed per sample)."),
@@ -373,6 +390,7 @@ def sweep(
     config: Path | None = typer.Option(None, help="JSON or YAML config file; flags override it."),
 ) -> None:
     """Missing-modality robustness: a protocol over rates, per fuser, mean ± std over seeds."""
+    relaunch(nproc)
     try:
         from medmix_core.sweep import sweep as do_sweep
 
@@ -382,9 +400,11 @@ def sweep(
             store=store, experts=_csv(experts), teacher=teacher, task=task, device=device,
             external_test=external_test))
         rows = do_sweep(base, protocol, parse_rates(rates), _csv(fuser) or ["medmix"], out,
-                        modality, strength, covariate, keep_last, overwrite=overwrite)
-        typer.echo((out / "sweep.md").read_text())
-        typer.echo(f"{len(rows)} rows; tables and plots in {out}")
+                        modality, strength, covariate, keep_last, overwrite=overwrite,
+                        resume=resume)
+        if is_main():
+            typer.echo((out / "sweep.md").read_text())
+            typer.echo(f"{len(rows)} rows; tables and plots in {out}")
     except (MedmixError, OSError) as exc:
         _fail(exc)
 
@@ -546,9 +566,50 @@ def _register_plugin_commands() -> None:
         typer.secho(f"Warning: a plugin's register_commands failed: {exc}", err=True)
 
 
+def is_main() -> bool:
+    """True in a single process and on rank 0 of a torchrun command (which prints)."""
+    from medmix_core import distributed
+
+    return not distributed.launched() or distributed.context().is_main
+
+
+def relaunch(nproc: int | None) -> None:
+    """``--nproc N``: run this same command in N processes through
+    ``torch.distributed.run`` (standalone rendezvous on this node) and exit with its code."""
+    from medmix_core import distributed
+
+    if nproc is None or distributed.launched():
+        return
+    if nproc < 1:
+        _fail(MedmixError(f"--nproc {nproc}: expected a number of processes >= 1."))
+    if nproc == 1:
+        return
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc-per-node", str(nproc), "-m", "medmix_core.cli", *args]
+    raise typer.Exit(subprocess.call(cmd))
+
+
+def _on_sigterm(signum, frame) -> None:
+    # pre-emption: stop like Ctrl-C, so the folder is marked interrupted and unlocked
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
     _register_plugin_commands()
-    app()
+    try:
+        app()
+    finally:
+        if "medmix_core.distributed" in sys.modules:  # only a command that used it
+            sys.modules["medmix_core.distributed"].shutdown()
 
 
 if __name__ == "__main__":

@@ -100,6 +100,15 @@ class RunConfig(BaseModel):
     #: count (best epoch + 1) and deploy that model, with the threshold chosen before
     refit: bool = False
     threshold: Union[float, Literal["val"]] = 0.5
+    #: train the seeds one after another instead of together as one vectorised model
+    #: (fusers that cannot be vectorised always train one after another)
+    sequential: bool = False
+    #: under torchrun: every process trains each seed on its share of every batch (DDP)
+    #: instead of the processes sharing out the seeds
+    data_parallel: bool = False
+    #: read embeddings from disk batch by batch instead of loading the store into memory;
+    #: None decides by size (streams when they exceed half of the memory available)
+    stream: bool | None = None
     #: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N
     device: str = "auto"
     #: CPU threads for training; fusion networks are small, and one thread is faster than

@@ -20,12 +20,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from medmix_core import distributed
 from medmix_core.batch import StoreTensors
 from medmix_core.config import RunConfig
 from medmix_core.errors import MedmixError
 from medmix_core.fusion import Fuser, FusionSpec
 from medmix_core.metrics import METRICS, bootstrap_ci, compute_metrics, mean_std
-from medmix_core.runs import RunFolder, RunFolderError
+from medmix_core.runs import RunFolder, RunFolderError, request_of
 from medmix_core.store import EmbeddingStore, atomic_save_tensors, atomic_write_text, is_store
 from medmix_core.training import (
     SeedResult,
@@ -395,9 +396,33 @@ def _check_out_vs_store(out: Path, store_path: Path) -> None:
                              f"a results folder and a store must be separate folders.")
 
 
+def prepare_folder(out: Path, kind: str, overwrite: bool, resume: bool,
+                   request: dict[str, Any] | None) -> RunFolder:
+    """:meth:`RunFolder.prepare` on rank 0; every rank of a torchrun command gets the same
+    answer (or the same error), so no rank waits for one that gave up."""
+    dist = distributed.context()
+    folder, error = None, None
+    if dist.is_main:
+        try:
+            folder = RunFolder.prepare(out, kind, overwrite, resume=resume, request=request)
+        except MedmixError as exc:
+            error = str(exc)
+    answer = dist.broadcast(error if error is not None else
+                            None if folder is None else (folder.resuming, folder.done))
+    if isinstance(answer, str):
+        raise RunFolderError(answer)
+    if folder is None:  # another rank: the same view of the folder, no lock, no writes
+        folder = RunFolder(out, kind)
+        folder.resuming, folder.done = answer
+    return folder
+
+
 def run(cfg: RunConfig, log=print, overwrite: bool = False, tracker=None,
-        check_only: bool = False) -> dict[str, Any] | None:
+        check_only: bool = False, resume: bool = False) -> dict[str, Any] | None:
     """Train and evaluate ``cfg.fuser`` for every seed; write the results folder.
+
+    Under ``torchrun`` the seeds are shared out over the processes (each trains its own,
+    into its own ``seed_<s>/``); rank 0 writes ``run.json``, the metrics and predictions.
 
     Args:
         cfg: the run configuration.
@@ -408,6 +433,10 @@ def run(cfg: RunConfig, log=print, overwrite: bool = False, tracker=None,
             epoch's record, the final metrics and the run's files; None logs nowhere.
         check_only: run every check (and the extractions they need), write no results
             folder, return None: what :func:`compare` does for every fuser first.
+        resume: continue the run in ``cfg.out`` if it was started with the same
+            configuration (finished seeds are kept, a seed in training continues from its
+            last epoch checkpoint); return its metrics if it is complete; start when the
+            folder is empty. Another configuration there is refused.
     Returns:
         the metrics dict written to metrics.json (with "out").
     """
@@ -415,11 +444,25 @@ def run(cfg: RunConfig, log=print, overwrite: bool = False, tracker=None,
 
     factory = get_fuser(cfg.fuser)  # unknown names fail before any extraction
     check_fuser_options(cfg.fuser, cfg.fuser_options)
-    device = resolve_device(cfg.device)
+    device = resolve_device(distributed.context().device(cfg.device))
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     if cfg.store:
         _check_out_vs_store(out, Path(cfg.store))
-    folder = RunFolder.prepare(out, "run", overwrite)
+    folder = prepare_folder(out, "run", overwrite, resume, request_of(cfg))
+    if folder.done:
+        if check_only:
+            return None
+        log(f"{out} holds this run, complete: nothing to train.")
+        metrics = folder.metrics()
+        metrics["out"] = str(out)
+        return metrics
+    if folder.resuming and not cfg.experts:
+        # the committee the run was planned with, not one planned again from a store that
+        # the first attempt may have grown
+        stored = folder.config()
+        cfg = cfg.model_copy(update={"experts": stored.get("experts"),
+                                     "teacher": stored.get("teacher"),
+                                     "store": cfg.store or stored.get("store")})
     existing = existing_store(cfg)  # the manifest is read once before training
     _check_experts_known(cfg, existing)
     cfg = choose_experts(cfg, factory, existing, log)
@@ -470,25 +513,30 @@ def run(cfg: RunConfig, log=print, overwrite: bool = False, tracker=None,
     if check_only:
         return None
 
-    folder.start(seeds=list(cfg.seeds), fuser=cfg.fuser)
+    dist = distributed.context()
     try:
-        folder.write_text("config.json", resolved.model_dump_json(indent=1))
-        _copy_encoders(store, tensors, out)
-        if tracker is not None:
-            tracker.open(out, json.loads(resolved.model_dump_json()))
+        if dist.is_main:
+            folder.start(seeds=list(cfg.seeds), fuser=cfg.fuser)
+            folder.write_text("config.json", resolved.model_dump_json(indent=1))
+            _copy_encoders(store, tensors, out)
+            if tracker is not None:
+                tracker.open(out, json.loads(resolved.model_dump_json()))
+        dist.barrier()  # the folder exists and is locked before any rank writes a seed
         metrics = _train_and_evaluate(cfg, factory, store, tensors, spec, folder, device,
                                       test_rows, test_labels, ext_store, ext_tensors,
                                       resolved, teacher_needed, log, tracker)
-        if tracker is not None:
-            from medmix_core.tracking import run_files
+        if dist.is_main:
+            if tracker is not None:
+                from medmix_core.tracking import run_files
 
-            tracker.log_final(metrics, run_files(out))
-            tracker.close()
-        folder.finish()
+                tracker.log_final(metrics, run_files(out))
+                tracker.close()
+            folder.finish()
     except BaseException as exc:
-        if tracker is not None:
-            tracker.close("FAILED")
-        folder.abort(exc)
+        if dist.is_main:
+            if tracker is not None:
+                tracker.close("FAILED")
+            folder.abort(exc)
         raise
     metrics["out"] = str(out)
     return metrics
@@ -497,44 +545,187 @@ def run(cfg: RunConfig, log=print, overwrite: bool = False, tracker=None,
 def _train_and_evaluate(cfg, factory, store, tensors, spec, folder: RunFolder, device,
                         test_rows, test_labels, ext_store, ext_tensors, resolved,
                         teacher_needed, log, tracker=None) -> dict[str, Any]:
-    """Every seed of a started run folder: train, evaluate, save; then metrics and
-    predictions."""
+    """Every seed of a started run folder not finished yet: train, evaluate, save it in
+    ``seed_<s>/``; then (rank 0) metrics and predictions from every seed's saved result."""
+    dist = distributed.context()
     out = folder.path
     selection = None
     if factory.candidates is not None and not cfg.fuser_options:
-        cfg, selection = select_on_validation(cfg, tensors, spec, store,
-                                              factory.candidates(spec), log)
+        sel_file = out / "selection.json"
+        if sel_file.is_file():
+            selection = json.loads(sel_file.read_text("utf-8"))
+        else:
+            if dist.is_main:
+                _, selection = select_on_validation(cfg, tensors, spec, store,
+                                                    factory.candidates(spec), log)
+                folder.write_json("selection.json", selection)
+            selection = dist.broadcast(selection)
+        cfg = cfg.model_copy(update={"fuser_options": selection["chosen"]})
 
+    pending = [s for s in cfg.seeds if not folder.seed_result_done(s)]
+    if folder.resuming and len(pending) < len(cfg.seeds):
+        log(f"resuming {out}: seeds {[s for s in cfg.seeds if s not in pending]} finished, "
+            f"training {pending}")
+    mine = dist.share(pending)
+    masks = {s: _protocol_masks(cfg, tensors, store, s) for s in mine}
+    error: BaseException | None = None
+    try:
+        for res in _train_seeds(cfg, tensors, spec, store, folder, mine, masks, resolved,
+                                log, tracker):
+            _save_seed(res, cfg, tensors, spec, folder, device, test_rows, test_labels,
+                       ext_tensors, masks[res.seed][1], log)
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after the ranks agree
+        error = exc
+    if not dist.all_ok(error is None):
+        if error is not None:
+            raise error
+        raise MedmixError("Another process of this torchrun command failed; its error is in "
+                          "its own output. Nothing of the unfinished seeds was kept.")
+    metrics: dict[str, Any] = {}
+    if dist.is_main:
+        for s in pending:
+            folder.seed_done(s)
+        metrics = _aggregate_run(cfg, store, tensors, spec, folder, test_rows, test_labels,
+                                 ext_store, ext_tensors, resolved, teacher_needed, selection)
+    return dist.broadcast(metrics)
+
+
+def _train_seeds(cfg, tensors, spec, store, folder: RunFolder, seeds: list[int], masks,
+                 resolved, log, tracker):
+    """Train ``seeds`` (together as one vectorised model where the fuser allows, else one
+    after another), yielding each seed's :class:`SeedResult` as it is ready."""
+    if not seeds:
+        return
+    log(f"seed(s) {seeds}: training {cfg.fuser} on {len(store.splits['train'])} samples, "
+        f"{len(spec.modalities)} modalities, experts {sorted(set(resolved.experts))}")
+
+    def on_epoch_of(seed):
+        return None if tracker is None else (lambda rec: tracker.log_epoch(seed, rec))
+
+    groups = _together_groups(cfg, tensors, spec, folder, seeds, log)
+    for group in groups:
+        results = _train_together(cfg, tensors, spec, store, folder, group, masks, tracker)
+        for res in results:
+            if not folder.seed_result_done(res.seed):
+                yield _refit(cfg, tensors, spec, store, folder, res, masks, on_epoch_of)
+        (folder.path / "checkpoints" / _together_name(group)).unlink(missing_ok=True)
+    for seed in [s for s in seeds if not any(s in g for g in groups)]:
+        train_mask, eval_mask = masks[seed]
+        res = train_seed(cfg, tensors, spec, store.splits, seed, train_mask, eval_mask,
+                         on_epoch=on_epoch_of(seed), checkpoint=folder.checkpoint(seed))
+        yield _refit(cfg, tensors, spec, store, folder, res, masks, on_epoch_of)
+
+
+def _refit(cfg, tensors, spec, store, folder, res: SeedResult, masks, on_epoch_of):
+    """With ``refit``: the epoch count chosen on validation, trained on train + val."""
+    if not cfg.refit:
+        return res
+    return refit_seed(cfg, tensors, spec, store.splits, res.seed, res.best_epoch + 1,
+                      res.threshold, res.val_metrics, masks[res.seed][0],
+                      on_epoch=on_epoch_of(res.seed),
+                      checkpoint=folder.checkpoint(res.seed, "refit"))
+
+
+def _together_name(seeds: list[int]) -> str:
+    return "together_" + "-".join(str(s) for s in seeds) + ".pt"
+
+
+def _together_groups(cfg, tensors, spec, folder: RunFolder, seeds: list[int],
+                     log) -> list[list[int]]:
+    """The groups of ``seeds`` trained together: a group whose checkpoint an earlier attempt
+    left continues as it was; the rest form one group. None when the run is sequential."""
+    if cfg.sequential or len(seeds) < 2:
+        return []
+    try:
+        from medmix_core.together import together_blocker
+    except ImportError:  # pragma: no cover - the module ships with the core
+        return []
+    why = together_blocker(cfg, tensors, spec)
+    if why is not None:
+        log(f"{cfg.fuser}: seeds trained one after another ({why})")
+        return []
+    groups, left = [], list(seeds)
+    for ck in sorted((folder.path / "checkpoints").glob("together_*.pt")):
+        try:
+            group = [int(x) for x in ck.stem.split("_", 1)[1].split("-")]
+        except ValueError:
+            continue
+        if set(group) & set(left) and set(group) <= set(cfg.seeds):
+            groups.append(group)
+            left = [s for s in left if s not in group]
+    if len(left) > 1:
+        groups.append(left)
+    return groups
+
+
+def _train_together(cfg, tensors, spec, store, folder: RunFolder, group: list[int], masks,
+                    tracker) -> list[SeedResult]:
+    from medmix_core.together import train_seeds_together
+
+    on_epoch = None if tracker is None else (lambda seed, rec: tracker.log_epoch(seed, rec))
+    return train_seeds_together(
+        cfg, tensors, spec, store.splits, group,
+        train_masks={s: masks.get(s, _protocol_masks(cfg, tensors, store, s))[0] for s in group},
+        val_masks={s: masks.get(s, _protocol_masks(cfg, tensors, store, s))[1] for s in group},
+        on_epoch=on_epoch, checkpoint=folder.path / "checkpoints" / _together_name(group))
+
+
+def _save_seed(res: SeedResult, cfg, tensors, spec, folder: RunFolder, device, test_rows,
+               test_labels, ext_tensors, eval_mask, log) -> None:
+    """Evaluate a trained seed and write ``seed_<s>/``: model, test (and external)
+    probabilities, metrics and training facts; ``result.json`` last marks it finished."""
+    seed = res.seed
+    model = res.model.to(device)
+    pred = predict_rows(model, tensors, test_rows, device, mask=eval_mask)
+    m = compute_metrics(pred["probs"], test_labels, tensors.task_type, res.threshold)
+    saved = {"probs": pred["probs"].contiguous()}
+    if pred.get("modality_weights") is not None:
+        saved["modality_weights"] = pred["modality_weights"].contiguous()
+    ext_m = None
+    if ext_tensors is not None:
+        ep = predict_rows(model, ext_tensors, torch.arange(ext_tensors.n), device)
+        ext_m = compute_metrics(ep["probs"], ext_tensors.labels, ext_tensors.task_type,
+                                res.threshold)
+        saved["external_probs"] = ep["probs"].contiguous()
+    res.model = model.cpu()
+    d = folder.seed_dir(seed)
+    save_model(res, spec, cfg, d)
+    atomic_save_tensors(d / "predictions.safetensors", saved)
+    info = {"seed": seed, "best_epoch": res.best_epoch, "refit": cfg.refit,
+            "epochs_run": res.epochs_run, "seconds": round(res.seconds, 2),
+            "threshold": res.threshold, "val": res.val_metrics}
+    atomic_write_text(d / "result.json", json.dumps(
+        clean_json({"info": info, "test": m, "external": ext_m}), indent=1, default=_json_nan))
+    for phase in ("train", "refit"):
+        folder.checkpoint(seed, phase).unlink(missing_ok=True)
+    if distributed.context().is_main:
+        folder.seed_done(seed)
+    log(f"seed {seed}: best epoch {res.best_epoch} of {res.epochs_run}, "
+        f"{res.seconds:.1f}s, test AUROC {m['auroc']:.4f}, AUPRC {m['auprc']:.4f}")
+
+
+def _read_seed(folder: RunFolder, seed: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    d = folder.seed_dir(seed)
+    result = json.loads((d / "result.json").read_text("utf-8"))
+    return result, load_file(str(d / "predictions.safetensors"))
+
+
+def _aggregate_run(cfg, store, tensors, spec, folder: RunFolder, test_rows, test_labels,
+                   ext_store, ext_tensors, resolved, teacher_needed,
+                   selection) -> dict[str, Any]:
+    """metrics.json and predictions.csv from every seed's saved result (the same files,
+    whether the seeds were trained in this process, another one, or an earlier attempt)."""
+    out = folder.path
     per_seed, ext_per_seed, probs, weights, seeds_info, ext_probs = [], [], [], [], [], []
     for seed in cfg.seeds:
-        train_mask, eval_mask = _protocol_masks(cfg, tensors, store, seed)
-        log(f"seed {seed}: training {cfg.fuser} on {len(store.splits['train'])} samples, "
-            f"{len(spec.modalities)} modalities, experts {sorted(set(resolved.experts))}")
-        on_epoch = None if tracker is None else (lambda rec, s=seed: tracker.log_epoch(s, rec))
-        res = train_seed(cfg, tensors, spec, store.splits, seed, train_mask, eval_mask,
-                         on_epoch=on_epoch)
-        if cfg.refit:  # the epoch count chosen on validation, trained on train + val
-            res = refit_seed(cfg, tensors, spec, store.splits, seed, res.best_epoch + 1,
-                             res.threshold, res.val_metrics, train_mask, on_epoch=on_epoch)
-        model = res.model.to(device)
-        pred = predict_rows(model, tensors, test_rows, device, mask=eval_mask)
-        m = compute_metrics(pred["probs"], test_labels, tensors.task_type, res.threshold)
-        per_seed.append(m)
-        probs.append(pred["probs"])
-        weights.append(pred.get("modality_weights"))
+        result, saved = _read_seed(folder, seed)
+        per_seed.append(_nan_metrics(result["test"]))
+        seeds_info.append(result["info"])
+        probs.append(saved["probs"])
+        weights.append(saved.get("modality_weights"))
         if ext_tensors is not None:
-            ep = predict_rows(model, ext_tensors, torch.arange(ext_tensors.n), device)
-            ext_per_seed.append(compute_metrics(ep["probs"], ext_tensors.labels,
-                                                ext_tensors.task_type, res.threshold))
-            ext_probs.append(ep["probs"])
-        res.model = model.cpu()
-        save_model(res, spec, cfg, folder.seed_dir(seed))
-        seeds_info.append({"seed": seed, "best_epoch": res.best_epoch, "refit": cfg.refit,
-                           "epochs_run": res.epochs_run, "seconds": round(res.seconds, 2),
-                           "threshold": res.threshold, "val": res.val_metrics})
-        folder.seed_done(seed)
-        log(f"seed {seed}: best epoch {res.best_epoch} of {res.epochs_run}, "
-            f"{res.seconds:.1f}s, test AUROC {m['auroc']:.4f}, AUPRC {m['auprc']:.4f}")
+            ext_per_seed.append(_nan_metrics(result["external"]))
+            ext_probs.append(saved["external_probs"])
 
     n_known = int(tensors.label_mask[test_rows].sum())
     metrics: dict[str, Any] = {
@@ -579,12 +770,18 @@ def _train_and_evaluate(cfg, factory, store, tensors, spec, folder: RunFolder, d
     return metrics
 
 
+def _nan_metrics(m: dict[str, Any]) -> dict[str, Any]:
+    """A saved metrics dict with JSON null read back as NaN (an undefined metric)."""
+    return {k: (math.nan if v is None and k in METRICS else v) for k, v in m.items()}
+
+
 def compare(base: RunConfig, fusers: list[str], out: str | Path | None = None,
-            overwrite: bool = False, log=print) -> list[dict[str, Any]]:
+            overwrite: bool = False, log=print, resume: bool = False) -> list[dict[str, Any]]:
     """One run per fuser in ``out/<fuser>`` and the paper-style table in ``out``.
 
     The comparison folder follows the run-folder rules: refused when occupied (unless
-    ``overwrite``), locked while written, marked complete last.
+    ``overwrite``, or ``resume`` for the same comparison: finished fusers are kept, the
+    others continue), locked while written, marked complete last.
     """
     from medmix_core.plugins import get_fuser
     from medmix_core.report import write_comparison
@@ -592,26 +789,38 @@ def compare(base: RunConfig, fusers: list[str], out: str | Path | None = None,
     for f in fusers:  # every name checked before anything runs
         get_fuser(f)
     root = Path(out) if out else default_out(base, "comparison")
-    folder = RunFolder.prepare(root, "comparison", overwrite)
+    request = {"base": request_of(base), "fusers": list(fusers)}
+    folder = prepare_folder(root, "comparison", overwrite, resume, request)
     resolve_device(base.device)
+    dist = distributed.context()
+    if folder.resuming and not base.experts:
+        done = [root / f / "config.json" for f in fusers if (root / f / "config.json").is_file()]
+        if done:  # the committee the comparison was planned with
+            stored = json.loads(done[0].read_text("utf-8"))
+            base = base.model_copy(update={"experts": stored.get("experts"),
+                                           "teacher": stored.get("teacher")})
     # one committee for every fuser, planned (and said) once
     base = choose_experts(base, get_fuser(fusers[0]), existing_store(base), log)
     for f in fusers:  # every fuser's whole pre-flight (options, distillation, store) first
-        run(base.model_copy(update={"fuser": f, "out": str(root / f)}), log, check_only=True)
-    folder.start(fusers=fusers)
+        run(base.model_copy(update={"fuser": f, "out": str(root / f)}), log, check_only=True,
+            resume=folder.resuming)
+    if dist.is_main:
+        folder.start(fusers=fusers)
     results = []
     try:
         for f in fusers:
             cfg = base.model_copy(update={"fuser": f, "out": str(root / f)})
-            results.append(run(cfg, log))
-        write_comparison(results, root)
-        folder.finish()
+            results.append(run(cfg, log, resume=folder.resuming))
+        if dist.is_main:
+            write_comparison(results, root)
+            folder.finish()
     except BaseException as exc:
-        if results and not isinstance(exc, KeyboardInterrupt):
-            folder.update(status="failed", error=str(exc))  # finished runs are kept
-            folder.release()
-        else:
-            folder.abort(exc)
+        if dist.is_main:
+            if results and not isinstance(exc, KeyboardInterrupt):
+                folder.update(status="failed", error=str(exc))  # finished runs are kept
+                folder.release()
+            else:
+                folder.abort(exc)
         raise
     return results
 

@@ -13,11 +13,18 @@ Layout of a run folder::
 A comparison (``--fuser a,b``) or sweep folder holds run folders and its own tables, with
 a ``run.json`` of kind ``comparison`` or ``sweep``.
 
+    checkpoints/seed_<s>.pt   the per-epoch training checkpoint of a seed still training
+    seed_<s>/result.json + predictions.safetensors   a finished seed's metrics and test
+                         probabilities, from which metrics.json and predictions.csv are made
+
 Rules: one folder holds one run. A folder that exists and is not empty is refused unless
-the caller passes ``overwrite``, which clears it first, and only if medmix wrote it. The
-folder is locked while written (:mod:`medmix_core.lock`). A run that fails is removed, so
-a folder never looks finished when it is not; one that was killed keeps ``status:
-running`` and is reported as incomplete by ``predict`` and ``report``.
+the caller passes ``overwrite``, which clears it first, and only if medmix wrote it, or
+``resume``, which continues the run in it when it was started with the same request
+(the configuration as the user gave it) and refuses any other. The folder is locked while
+written (:mod:`medmix_core.lock`). A run that fails is removed (a resumed one is kept,
+marked failed), so a folder never looks finished when it is not; one that was killed
+keeps ``status: running`` (``interrupted`` after Ctrl-C or SIGTERM) and is reported as
+incomplete by ``predict`` and ``report``, which name the command that resumes it.
 """
 
 from __future__ import annotations
@@ -43,6 +50,22 @@ _LEGACY = ("config.json", "metrics.json", "sweep.json", "comparison.md")
 
 class RunFolderError(MedmixError):
     """A results folder that cannot be used as asked (occupied, incomplete, not a run)."""
+
+
+#: request fields that may change between a run and its resumption
+RESUMABLE_CHANGES = ("out", "progress", "threads")
+
+
+def request_of(cfg: Any) -> dict[str, Any]:
+    """The part of a configuration a resumed run must share with the run it continues."""
+    data = json.loads(cfg.model_dump_json()) if hasattr(cfg, "model_dump_json") else dict(cfg)
+    return {k: v for k, v in data.items() if k not in RESUMABLE_CHANGES}
+
+
+def _differences(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    keys = sorted(set(stored) | set(now))
+    return [f"{k}: {stored.get(k)!r} then, {now.get(k)!r} now" for k in keys
+            if stored.get(k) != now.get(k)]
 
 
 def _now() -> str:
@@ -90,18 +113,36 @@ class RunFolder:
         self._lock: FolderLock | None = None
         self._created = False
         self._info: dict[str, Any] = {}
+        self._request: dict[str, Any] | None = None
+        #: the folder holds a run of the same request that this one continues
+        self.resuming = False
+        #: ... and that run is complete: nothing is left to do
+        self.done = False
 
     # ------------------------------------------------------------------ writing
     @classmethod
     def prepare(cls, path: str | os.PathLike, kind: str = "run", overwrite: bool = False,
-                flag: str = "--out") -> RunFolder:
-        """Check, before anything is written, that ``path`` may receive a new run.
+                flag: str = "--out", resume: bool = False,
+                request: dict[str, Any] | None = None) -> RunFolder:
+        """Check, before anything is written, that ``path`` may receive this run.
 
+        Args:
+            path: the results folder.
+            kind: "run", "comparison", "sweep" or "reproduce".
+            overwrite: clear a folder medmix wrote and start over.
+            flag: the option named in messages.
+            resume: continue the run in ``path`` (:attr:`resuming`; :attr:`done` when it is
+                complete) if it was started with the same ``request``; start when ``path``
+                is empty or absent, so a pre-emptible job can always pass it.
+            request: what the run was asked (:func:`request_of`), stored in ``run.json``.
         Raises:
             RunFolderError: ``path`` is a file or not writable, holds another run (without
-                ``overwrite``), holds files medmix did not write, or is being written.
+                ``overwrite``; with ``resume``, one of another request or kind), holds
+                files medmix did not write, or is being written.
         """
         path = check_writable(path, flag)
+        folder = cls(path, kind)
+        folder._request = request
         if path.is_dir() and any(path.iterdir()):
             holder = read_lock(path)
             if holder is not None and not holder.get("unreadable"):
@@ -111,20 +152,55 @@ class RunFolder:
                     f"{flag} {str(path)!r} is a folder with files that medmix did not write "
                     f"({', '.join(sorted(p.name for p in path.iterdir())[:5])}). Pass a new or "
                     f"empty folder; medmix never clears folders it did not make.")
+            if resume and not overwrite:
+                folder._check_resumable(request, flag)
+                return folder
             if not overwrite:
+                info = read_info(path)
+                hint = (" or --resume to continue it" if info.get("status") != "complete"
+                        and info.get("request") is not None else "")
                 raise RunFolderError(
                     f"{flag} {str(path)!r} already holds {describe(path)}. One folder holds "
-                    f"one run: pass another {flag}, or --overwrite to delete it and start "
-                    f"over.")
-        return cls(path, kind)
+                    f"one run: pass another {flag}, --overwrite to delete it and start "
+                    f"over{hint}.")
+        return folder
+
+    def _check_resumable(self, request: dict[str, Any] | None, flag: str) -> None:
+        info = read_info(self.path)
+        if info.get("kind", "run") != self.kind:
+            raise RunFolderError(f"{flag} {str(self.path)!r} holds a {info.get('kind')} "
+                                 f"folder; this is a {self.kind}, so it cannot resume it. Pass "
+                                 f"another {flag}.")
+        stored = info.get("request")
+        if stored is None:
+            raise RunFolderError(f"{flag} {str(self.path)!r} holds {describe(self.path)} "
+                                 f"written without a record of its request, so resuming it "
+                                 f"cannot be checked. Pass another {flag} or --overwrite.")
+        if request is not None:
+            diff = _differences(stored, request)
+            if diff:
+                raise RunFolderError(
+                    f"{flag} {str(self.path)!r} holds a {self.kind} started with another "
+                    f"configuration ({'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}); "
+                    f"--resume continues only the same command. Pass another {flag}, or "
+                    f"--overwrite to start over.")
+        self.resuming = True
+        self.done = info.get("status") == "complete"
+        self._info = dict(info)
 
     def start(self, seeds: list[int] | None = None, **info: Any) -> RunFolder:
-        """Lock the folder, clear what an earlier run left (prepare allowed it), and write
-        ``run.json`` with status ``running``."""
+        """Lock the folder and write ``run.json`` with status ``running``: after clearing
+        what an earlier run left (prepare allowed it), or, when :attr:`resuming`, keeping
+        it."""
         try:
             self._created = not self.path.exists()
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock = FolderLock(self.path, "run folder").acquire()
+            if self.resuming:
+                self._info.update(status="running", resumed=_now(),
+                                  resumes=int(self._info.get("resumes", 0)) + 1, **info)
+                self._save()
+                return self
             for p in list(self.path.iterdir()):
                 if p.name == LOCK_NAME:
                     continue
@@ -132,7 +208,8 @@ class RunFolder:
             self._info = {"format": FORMAT, "version": FORMAT_VERSION, "kind": self.kind,
                           "status": "running", "seeds": list(seeds or []),
                           "finished_seeds": [], "started": _now(),
-                          "command": " ".join(sys.argv), **info}
+                          "command": " ".join(sys.argv), "request": self._request,
+                          **info}
             self._save()
         except OSError as exc:
             self.release()
@@ -146,6 +223,17 @@ class RunFolder:
     def seed_dir(self, seed: int) -> Path:
         return self.path / f"seed_{seed}"
 
+    def checkpoint(self, seed: int, phase: str = "train") -> Path:
+        """The per-epoch training checkpoint of ``seed`` (``phase`` "train" or "refit")."""
+        name = f"seed_{seed}.pt" if phase == "train" else f"seed_{seed}.{phase}.pt"
+        return self.path / "checkpoints" / name
+
+    def seed_result_done(self, seed: int) -> bool:
+        """True when ``seed`` finished: its model and result files are all written."""
+        d = self.seed_dir(seed)
+        return all((d / f).is_file() for f in ("model.json", "model.safetensors",
+                                               "result.json", "predictions.safetensors"))
+
     def seed_done(self, seed: int) -> None:
         self._info["finished_seeds"] = sorted({*self._info["finished_seeds"], int(seed)})
         self._save()
@@ -155,16 +243,20 @@ class RunFolder:
         self._save()
 
     def finish(self) -> None:
-        """Mark the run complete and release the lock."""
+        """Mark the run complete, drop its training checkpoints, release the lock."""
         self._info.update(status="complete", finished=_now())
+        self._info.pop("error", None)
         self._save()
+        shutil.rmtree(self.path / "checkpoints", ignore_errors=True)
         self.release()
 
     def abort(self, exc: BaseException) -> None:
         """A run that failed leaves nothing behind: its files are removed (and the folder,
         if this run made it). A run interrupted by the user is kept, marked interrupted."""
-        if isinstance(exc, KeyboardInterrupt):
-            self._info.update(status="interrupted", finished=_now())
+        if isinstance(exc, KeyboardInterrupt) or self.resuming:
+            # a resumed folder holds an earlier attempt's work: kept, marked as it stopped
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            self._info.update(status=status, finished=_now(), error=str(exc) or None)
             try:
                 self._save()
             finally:
@@ -288,17 +380,21 @@ def open_run(path: str | os.PathLike, allow_incomplete: bool = False) -> RunFold
                              f"folders (a subfolder per fuser).")
     saved = [int(p.name[5:]) for p in folder.finished_seeds()]
     if not saved:
+        again = ("the same command with --resume" if info.get("request") is not None
+                 else f"`medmix run --out {path} --overwrite`")
         raise RunFolderError(f"{path} holds no trained model (no seed_*/model.json): the run "
-                             f"did not finish a seed. Re-run `medmix run --out {path} "
-                             f"--overwrite`.")
+                             f"did not finish a seed (status {info.get('status')}). Run "
+                             f"{again}.")
     if info.get("status") == "mixed":
         raise RunFolderError(f"{path} mixes runs: metrics.json lists seeds {info['seeds']} but "
                              f"the folder holds models of seeds {saved}. Re-run it into a "
                              f"new folder.")
     if info.get("status") != "complete" and not allow_incomplete:
+        again = (f"Resume it with the same command plus --resume ({info.get('command')!r} "
+                 f"--resume)" if info.get("request") is not None else
+                 "Re-run the same command with --overwrite to train it again")
         raise RunFolderError(
             f"{path} holds an incomplete run (status {info.get('status')}): seeds "
-            f"{saved} of {info.get('seeds')} finished. Re-run the same command with "
-            f"--overwrite to train it again, or pass --allow-incomplete to use the "
-            f"{len(saved)} finished seed(s).")
+            f"{saved} of {info.get('seeds')} finished. {again}, or pass --allow-incomplete "
+            f"to use the {len(saved)} finished seed(s).")
     return folder

@@ -68,13 +68,20 @@ def _evaluate_saved(run_dir: Path, tensors: StoreTensors, rows: torch.Tensor,
 
 def sweep(base: RunConfig, protocol: str, rates: list[float], fusers: list[str], out: Path,
           modality: str | None = None, strength: float = 0.0, covariate: str | None = None,
-          keep_last: bool = True, log=print, overwrite: bool = False) -> list[dict[str, Any]]:
+          keep_last: bool = True, log=print, overwrite: bool = False,
+          resume: bool = False) -> list[dict[str, Any]]:
     """Run a protocol sweep; write tables and plots; return the result rows.
 
     ``out`` follows the run-folder rules (:mod:`medmix_core.runs`): an occupied folder is
-    refused unless ``overwrite``; a sweep that fails is removed.
+    refused unless ``overwrite``, or ``resume`` for the same sweep (finished cells are
+    kept, unfinished ones continue from their checkpoints); a sweep that fails is removed.
+    Under torchrun each cell's seeds are shared out over the processes; rank 0 writes the
+    tables.
     """
+    from medmix_core import distributed
     from medmix_core.plugins import get_fuser
+    from medmix_core.runner import prepare_folder
+    from medmix_core.runs import request_of
     from medmix_core.training import check_fuser_options
 
     out = Path(out)
@@ -82,27 +89,42 @@ def sweep(base: RunConfig, protocol: str, rates: list[float], fusers: list[str],
         get_fuser(f)
         check_fuser_options(f, base.fuser_options)
     resolve_device(base.device)
-    folder = RunFolder.prepare(out, "sweep", overwrite)
+    request = {"base": request_of(base), "protocol": protocol, "rates": list(rates),
+               "fusers": list(fusers), "modality": modality, "strength": strength,
+               "covariate": covariate, "keep_last": keep_last}
     if base.external_test and not is_store(base.external_test):
         raise MedmixError(f"--external-test {base.external_test!r}: a sweep evaluates an "
                           f"external cohort from a store; encode it first with `medmix "
                           f"extract ... --fit-from <the training store> --all-rows-split test`.")
-    folder.start(protocol=protocol, rates=list(rates), fusers=list(fusers))
+    folder = prepare_folder(out, "sweep", overwrite, resume, request)
+    dist = distributed.context()
+    if dist.is_main:
+        folder.start(protocol=protocol, rates=list(rates), fusers=list(fusers))
     try:
         rows = _sweep(base, protocol, rates, fusers, out, modality, strength, covariate,
-                      keep_last, log)
-        folder.finish()
+                      keep_last, log, folder.resuming)
+        if dist.is_main:
+            folder.finish()
     except BaseException as exc:
-        folder.abort(exc)
+        if dist.is_main:
+            folder.abort(exc)
         raise
     return rows
 
 
 def _sweep(base: RunConfig, protocol: str, rates: list[float], fusers: list[str], out: Path,
            modality: str | None, strength: float, covariate: str | None, keep_last: bool,
-           log) -> list[dict[str, Any]]:
+           log, resume: bool = False) -> list[dict[str, Any]]:
+    from medmix_core import distributed
     from medmix_core.plugins import get_fuser
 
+    main = distributed.context().is_main
+    if resume and not base.experts:
+        done = sorted(out.glob("*/*/config.json"))
+        if done:  # the committee the sweep was planned with
+            stored = json.loads(done[0].read_text("utf-8"))
+            base = base.model_copy(update={"experts": stored.get("experts"),
+                                           "teacher": stored.get("teacher")})
     # one committee for every fuser and rate, fixed before training
     existing = existing_store(base)
     base = choose_experts(base, get_fuser(fusers[0]), existing, log)
@@ -117,9 +139,9 @@ def _sweep(base: RunConfig, protocol: str, rates: list[float], fusers: list[str]
         if protos[0].phase in ("test", "none"):
             cfg = base.model_copy(update={"fuser": fuser, "out": str(out / fuser / "natural"),
                                           "protocol": None})
-            metrics = run(cfg, log)
-            from medmix_core.plugins import get_fuser
-
+            metrics = run(cfg, log, resume=resume)
+            if not main:
+                continue  # rank 0 evaluates the saved models and writes the tables
             needs = get_fuser(fuser).reads_teacher
             tensors = load_tensors(cfg, store, teacher_needed=needs)
             rows = torch.as_tensor(store.splits["test"], dtype=torch.long)
@@ -142,13 +164,16 @@ def _sweep(base: RunConfig, protocol: str, rates: list[float], fusers: list[str]
         else:
             base_cfg = base.model_copy(update={"fuser": fuser, "protocol": None,
                                                "out": str(out / fuser / "natural")})
-            rows_out.append(_row(fuser, "natural", 0.0, None, run(base_cfg, log)["per_seed"]))
+            rows_out.append(_row(fuser, "natural", 0.0, None,
+                                 run(base_cfg, log, resume=resume)["per_seed"]))
             for p in protos:
                 label = describe(p)
                 cfg = base.model_copy(update={"fuser": fuser, "protocol": p.model_dump(),
                                               "out": str(out / fuser / _slug(label))})
-                rows_out.append(_row(fuser, label, p.rate, p.modality, run(cfg, log)["per_seed"]))
-    write_sweep(rows_out, out, protocol)
+                rows_out.append(_row(fuser, label, p.rate, p.modality,
+                                     run(cfg, log, resume=resume)["per_seed"]))
+    if main:
+        write_sweep(rows_out, out, protocol)
     return rows_out
 
 

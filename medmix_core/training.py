@@ -23,6 +23,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medmix_core.batch import Batch, StoreTensors
+from medmix_core.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medmix_core.config import RunConfig
 from medmix_core.distill import TeacherHeads, distill_weight, distillation_loss
 from medmix_core.errors import MedmixError
@@ -437,6 +439,27 @@ class TrainStep:
             self.ema.update(self.model)
         return rec
 
+    def state_dict(self) -> dict[str, Any]:
+        """What continues this step exactly: model, heads, optimizer, schedule, scaler, EMA."""
+        return {"model": self.model.state_dict(),
+                "heads": None if self.heads is None else self.heads.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "ema": None if self.ema is None else {"steps": self.ema.steps,
+                                                      "state": self.ema.state_dict()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.model.load_state_dict(state["model"])
+        if self.heads is not None:
+            self.heads.load_state_dict(state["heads"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.steps = int(state["ema"]["steps"])
+            self.ema.module.load_state_dict(state["ema"]["state"])
+
     def eval_state(self) -> dict[str, torch.Tensor]:
         """The weights validation and the saved model use: the EMA's when on, else the
         model's own (a live view; copy it to keep it)."""
@@ -501,11 +524,74 @@ def _start_seed(cfg: RunConfig, spec: FusionSpec, seed: int
     return device, gen, build_fuser(cfg, spec).to(device)
 
 
+#: RunConfig fields a checkpoint's key leaves out: outputs and threads, which do not change
+#: what a seed learns, and how the data was chosen, which the fusion spec says instead
+NOT_IN_KEY = ("out", "progress", "threads", "external_test", "external_dataset", "bootstrap",
+              "dataset", "source", "dataset_options", "store", "experts", "drop_experts",
+              "expert_options", "keep_modalities")
+
+
+def training_key(cfg: RunConfig, spec: FusionSpec, seed: int, phase: str,
+                 rows: torch.Tensor) -> str:
+    """What a checkpoint belongs to: the training configuration (less
+    :data:`NOT_IN_KEY`), the fusion spec (modalities, experts, dims), seed, phase ("train"
+    or "refit-N") and training rows."""
+    import hashlib
+    import json
+
+    conf = json.loads(cfg.model_dump_json(exclude=set(NOT_IN_KEY)))
+    blob = json.dumps([conf, vars(spec), int(seed), phase, rows.tolist()], sort_keys=True,
+                      default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class _Resumable:
+    """The per-epoch checkpoint of one seed's training loop (nothing when ``path`` is None).
+
+    ``loop`` holds the loop's own state (history, early stopping, whether it stopped);
+    :meth:`save` writes it with the step's state and every RNG state, :meth:`restore` puts
+    them back, so the next epoch runs as if the process had never stopped.
+    """
+
+    def __init__(self, path: str | Path | None, key: str, step: TrainStep,
+                 gen: torch.Generator, loop: dict[str, Any]) -> None:
+        self.path = None if path is None else Path(path)
+        self.key, self.step, self.gen, self.loop = key, step, gen, loop
+        self.t0 = time.perf_counter()
+        self.seconds_before = 0.0
+
+    def restore(self) -> int:
+        """Load the checkpoint when there is one; the first epoch still to train."""
+        if self.path is None or not self.path.is_file():
+            return 0
+        state = load_checkpoint(self.path)
+        if state.get("key") != self.key:
+            raise MedmixError(f"{self.path} is the checkpoint of another configuration, seed or "
+                              f"split than this run's. Delete it (or pass --overwrite) to train "
+                              f"this seed from its start.")
+        self.step.load_state_dict(state["step"])
+        set_rng_state(state["rng"], self.gen)
+        self.loop.update(state["loop"])
+        self.seconds_before = float(state["seconds"])
+        return int(state["epoch"]) + 1
+
+    def save(self, epoch: int) -> None:
+        if self.path is None:
+            return
+        save_checkpoint(self.path, {"key": self.key, "epoch": epoch,
+                                    "step": self.step.state_dict(), "rng": rng_state(self.gen),
+                                    "loop": self.loop, "seconds": self.seconds()})
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.t0
+
+
 def train_seed(cfg: RunConfig, tensors: StoreTensors, spec: FusionSpec,
                splits: dict[str, list[int]], seed: int,
                train_mask: dict[str, torch.Tensor] | None = None,
                val_mask: dict[str, torch.Tensor] | None = None,
-               on_epoch: Callable[[dict[str, float]], None] | None = None) -> SeedResult:
+               on_epoch: Callable[[dict[str, float]], None] | None = None,
+               checkpoint: str | Path | None = None) -> SeedResult:
     """Train one model with one seed; return it with its best-validation weights.
 
     The best epoch minimises the validation loss (its mean over the last ``val_smoothing``
@@ -520,8 +606,13 @@ def train_seed(cfg: RunConfig, tensors: StoreTensors, spec: FusionSpec,
         seed: seeds weights, shuffling, dropout and mask augmentation.
         train_mask / val_mask: expert masks replacing the stored ones (protocols).
         on_epoch: called with each epoch's record (for progress bars).
+        checkpoint: a file written atomically at the end of every epoch (model, optimizer,
+            schedule, scaler, EMA, RNG states, early stopping, history); when it exists,
+            training continues from it and ends bitwise as it would have without the stop
+            (on the CPU).
+    Raises:
+        MedmixError: ``checkpoint`` belongs to another configuration, seed or split.
     """
-    t0 = time.perf_counter()
     device, gen, model = _start_seed(cfg, spec, seed)
     train_rows = torch.as_tensor(splits["train"], dtype=torch.long)
     val_rows = torch.as_tensor(splits["val"], dtype=torch.long)
@@ -529,10 +620,15 @@ def train_seed(cfg: RunConfig, tensors: StoreTensors, spec: FusionSpec,
     step = TrainStep(cfg, model, tensors, device, train_rows, train_mask, seed)
     evaluated = model if step.ema is None else step.ema.module
 
-    best = (math.inf, -1, None)
-    history: list[dict[str, float]] = []
-    bad = 0
-    for epoch in range(cfg.epochs):
+    loop: dict[str, Any] = {"best": (math.inf, -1, None), "history": [], "bad": 0,
+                            "stopped": False}
+    key = training_key(cfg, spec, seed, "train", train_rows)
+    saver = _Resumable(checkpoint, key, step, gen, loop)
+    first = saver.restore()
+    history = loop["history"]
+    for epoch in range(first, cfg.epochs):
+        if loop["stopped"]:
+            break
         lam = step.distill_weight(epoch)
         rec = _train_epoch(step, train_rows, epoch, gen)
         val_loss = evaluate_loss(evaluated, tensors, val_rows, device, cfg, step.pos_weight,
@@ -545,13 +641,14 @@ def train_seed(cfg: RunConfig, tensors: StoreTensors, spec: FusionSpec,
             rec["val_criterion"] = criterion
         if on_epoch is not None:
             on_epoch(rec)
-        if criterion < best[0] - 1e-6:
-            best = (criterion, epoch, copy.deepcopy(step.eval_state()))
-            bad = 0
+        if criterion < loop["best"][0] - 1e-6:
+            loop["best"] = (criterion, epoch, copy.deepcopy(step.eval_state()))
+            loop["bad"] = 0
         else:
-            bad += 1
-            if bad >= cfg.patience:
-                break
+            loop["bad"] += 1
+            loop["stopped"] = loop["bad"] >= cfg.patience
+        saver.save(epoch)
+    best = loop["best"]
     model.load_state_dict(best[2])
     # the threshold and validation metrics on the configured device, then the model to CPU
     val_pred = predict_rows(model.eval(), tensors, val_rows, device, mask=val_mask)
@@ -561,14 +658,15 @@ def train_seed(cfg: RunConfig, tensors: StoreTensors, spec: FusionSpec,
            if cfg.threshold == "val" else float(cfg.threshold))
     val_metrics = compute_metrics(val_pred["probs"], val_labels, tensors.task_type, thr)
     return SeedResult(seed, model, best[1], len(history), thr, history, val_metrics,
-                      time.perf_counter() - t0)
+                      saver.seconds())
 
 
 def refit_seed(cfg: RunConfig, tensors: StoreTensors, spec: FusionSpec,
                splits: dict[str, list[int]], seed: int, epochs: int, threshold: float = 0.5,
                val_metrics: dict[str, Any] | None = None,
                train_mask: dict[str, torch.Tensor] | None = None,
-               on_epoch: Callable[[dict[str, float]], None] | None = None) -> SeedResult:
+               on_epoch: Callable[[dict[str, float]], None] | None = None,
+               checkpoint: str | Path | None = None) -> SeedResult:
     """Retrain one seed on exactly the train + validation rows for ``epochs`` epochs.
 
     The epoch count (and ``threshold``) come from a :func:`train_seed` run of the same seed
@@ -585,6 +683,7 @@ def refit_seed(cfg: RunConfig, tensors: StoreTensors, spec: FusionSpec,
             model has no held-out validation of its own).
         train_mask: expert masks replacing the stored ones on every trained row.
         on_epoch: called with each epoch's record.
+        checkpoint: as for :func:`train_seed`.
 
     Raises:
         MedmixError: ``epochs`` < 1, or a split without known labels.
@@ -592,23 +691,27 @@ def refit_seed(cfg: RunConfig, tensors: StoreTensors, spec: FusionSpec,
     if epochs < 1:
         raise MedmixError(f"refit needs at least 1 epoch, got {epochs}; pass the validation "
                           f"run's best_epoch + 1.")
-    t0 = time.perf_counter()
     check_trainable(tensors, splits)
     device, gen, model = _start_seed(cfg, spec, seed)
     rows = torch.as_tensor(list(splits["train"]) + list(splits["val"]), dtype=torch.long)
     step = TrainStep(cfg, model, tensors, device, rows, train_mask, seed)
-    history: list[dict[str, float]] = []
-    for epoch in range(epochs):
+    loop: dict[str, Any] = {"history": []}
+    key = training_key(cfg, spec, seed, f"refit-{epochs}", rows)
+    saver = _Resumable(checkpoint, key, step, gen, loop)
+    first = saver.restore()
+    history = loop["history"]
+    for epoch in range(first, epochs):
         lam = step.distill_weight(epoch)
         rec = _train_epoch(step, rows, epoch, gen)
         rec["lambda_d"] = lam
         history.append(rec)
         if on_epoch is not None:
             on_epoch(rec)
+        saver.save(epoch)
     model.load_state_dict(copy.deepcopy(step.eval_state()))
     model = model.cpu().eval()
     return SeedResult(seed, model, epochs - 1, epochs, float(threshold), history,
-                      dict(val_metrics or {}), time.perf_counter() - t0)
+                      dict(val_metrics or {}), saver.seconds())
 
 
 @torch.no_grad()
