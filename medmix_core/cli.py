@@ -592,8 +592,9 @@ def relaunch(nproc: int | None) -> None:
             skip = True
         elif not a.startswith("--nproc="):
             args.append(a)
+    # "--": options of the command (e.g. --d) are not torchrun's, even as prefixes
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc-per-node", str(nproc), "-m", "medmix_core.cli", *args]
+           "--nproc-per-node", str(nproc), "-m", "medmix_core.cli", "--", *args]
     raise typer.Exit(subprocess.call(cmd))
 
 

@@ -566,7 +566,8 @@ def _train_and_evaluate(cfg, factory, store, tensors, spec, folder: RunFolder, d
     if folder.resuming and len(pending) < len(cfg.seeds):
         log(f"resuming {out}: seeds {[s for s in cfg.seeds if s not in pending]} finished, "
             f"training {pending}")
-    mine = dist.share(pending)
+    # data-parallel: every process trains every seed; else the seeds are shared out
+    mine = pending if cfg.data_parallel else dist.share(pending)
     masks = {s: _protocol_masks(cfg, tensors, store, s) for s in mine}
     error: BaseException | None = None
     try:
@@ -634,7 +635,7 @@ def _together_groups(cfg, tensors, spec, folder: RunFolder, seeds: list[int],
                      log) -> list[list[int]]:
     """The groups of ``seeds`` trained together: a group whose checkpoint an earlier attempt
     left continues as it was; the rest form one group. None when the run is sequential."""
-    if cfg.sequential or len(seeds) < 2:
+    if cfg.sequential or cfg.data_parallel or len(seeds) < 2:
         return []
     try:
         from medmix_core.together import together_blocker
@@ -675,6 +676,8 @@ def _save_seed(res: SeedResult, cfg, tensors, spec, folder: RunFolder, device, t
     """Evaluate a trained seed and write ``seed_<s>/``: model, test (and external)
     probabilities, metrics and training facts; ``result.json`` last marks it finished."""
     seed = res.seed
+    if cfg.data_parallel and not distributed.context().is_main:
+        return  # every process holds the same model; rank 0 saves it
     model = res.model.to(device)
     pred = predict_rows(model, tensors, test_rows, device, mask=eval_mask)
     m = compute_metrics(pred["probs"], test_labels, tensors.task_type, res.threshold)

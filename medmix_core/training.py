@@ -364,6 +364,8 @@ class TrainStep:
         self.base_mask = tensors.mask if train_mask is None else train_mask
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.ema = WeightEMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
+        #: data-parallel training under torchrun: each process takes its share of each batch
+        self.dp = _data_parallel(cfg)
 
     @property
     def full_weight_epoch(self) -> int:
@@ -406,30 +408,45 @@ class TrainStep:
             MedmixError: the loss is not finite.
         """
         lam = self.distill_weight(epoch)
+        task_share = row_share = 1.0
+        if self.dp is not None:
+            batch, task_share, row_share = _local_share(batch, self.dp, self.tensors.task_type)
         with autocast_context(self.device, self.cfg.amp):
             out = self.model(batch)
-            loss = task_loss(out.logits, batch, self.tensors.task_type, self.pos_weight,
-                             self.cfg.label_smoothing)
-            rec = {"task": float(loss.detach())}
+            # each share weighted so the mean of the processes' gradients is the gradient
+            # of the whole batch's loss (task: exactly; per-row terms: by rows)
+            loss = task_share * task_loss(out.logits, batch, self.tensors.task_type,
+                                          self.pos_weight, self.cfg.label_smoothing)
+            rec = {"task": loss.detach()}
             if out.aux_loss is not None:
-                loss = loss + out.aux_loss
-                rec["aux"] = float(out.aux_loss.detach())
+                loss = loss + row_share * out.aux_loss
+                rec["aux"] = row_share * out.aux_loss.detach()
             if self.heads is not None and lam > 0:
-                dl = distillation_loss(out.reps, out.rep_mask, batch.modalities, batch.teacher,
-                                       batch.teacher_mask, self.heads, self.losses)
+                dl = row_share * distillation_loss(out.reps, out.rep_mask, batch.modalities,
+                                                   batch.teacher, batch.teacher_mask,
+                                                   self.heads, self.losses)
                 loss = loss + lam * dl
-                rec["distill"] = float(dl.detach())
-        if not torch.isfinite(loss):
+                rec["distill"] = dl.detach()
+        if self.dp is not None:
+            loss_total = _mean_over_ranks(torch.stack([loss.detach().float()]))[0]
+            rec = dict(zip(rec, _mean_over_ranks(torch.stack([v.float() for v in
+                                                              rec.values()])).tolist()))
+        else:
+            loss_total = loss
+            rec = {k: float(v) for k, v in rec.items()}
+        if not torch.isfinite(loss_total):
             cfg = self.cfg
             where = f"epoch {epoch}" + ("" if self.seed is None else f" (seed {self.seed})")
             raise MedmixError(
-                f"Training loss became {float(loss.detach())} at {where}. Lower --lr (now "
+                f"Training loss became {float(loss_total)} at {where}. Lower --lr (now "
                 f"{cfg.lr:g}), check the store for extreme embedding values (`medmix "
                 f"extract` re-makes a damaged store)"
                 + (", or turn mixed precision off with `amp: false` in a --config file."
                    if self.device.type == "cuda" and cfg.amp else "."))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.dp is not None:
+            _average_gradients(self.params)
         self.scaler.unscale_(self.optimizer)
         nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.scaler.step(self.optimizer)
@@ -468,6 +485,71 @@ class TrainStep:
     def step(self, idx: torch.Tensor, epoch: int, gen: torch.Generator) -> dict[str, float]:
         """One training step on rows ``idx``: :meth:`prepare` then :meth:`update`."""
         return self.update(self.prepare(idx, gen), epoch)
+
+
+def _data_parallel(cfg: RunConfig):
+    """The torchrun context when ``cfg.data_parallel`` asks for data-parallel training and
+    there are several processes; else None."""
+    if not cfg.data_parallel:
+        return None
+    from medmix_core import distributed
+
+    dist = distributed.context()
+    return dist if dist.active else None
+
+
+def _local_share(batch: Batch, dist, task_type: str) -> tuple[Batch, float, float]:
+    """This process's rows of ``batch`` (every world-th from its rank) and the weights that
+    make the processes' mean gradient the whole batch's: task (known labels here x world /
+    known labels in the batch) and rows (rows here x world / rows)."""
+    rows = torch.arange(dist.rank, batch.size, dist.world)
+    if task_type == "multiclass":
+        known = batch.labels.reshape(-1) >= 0  # [B]
+    else:
+        known = ~torch.isnan(batch.labels.float())  # [B, C]
+    mine = known[rows]
+    total = int(known.sum())
+    task_share = (int(mine.sum()) * dist.world / total) if total else 0.0
+    row_share = len(rows) * dist.world / batch.size
+    return batch_rows(batch, rows), task_share, row_share
+
+
+def batch_rows(batch: Batch, rows: torch.Tensor) -> Batch:
+    """The rows ``rows`` (positions in the batch) of ``batch``."""
+    def pick(t):
+        return None if t is None else t[rows.to(t.device)]
+    return replace(batch, experts={m: [x[rows.to(x.device)] for x in xs]
+                                   for m, xs in batch.experts.items()},
+                   expert_mask={m: pick(x) for m, x in batch.expert_mask.items()},
+                   modality_mask=pick(batch.modality_mask), labels=pick(batch.labels),
+                   label_mask=pick(batch.label_mask),
+                   teacher=None if batch.teacher is None else
+                   {m: pick(x) for m, x in batch.teacher.items()},
+                   teacher_mask=pick(batch.teacher_mask), index=pick(batch.index))
+
+
+def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as tdist
+
+    values = values.clone()
+    tdist.all_reduce(values)
+    return values / tdist.get_world_size()
+
+
+def _average_gradients(params: list[nn.Parameter]) -> None:
+    """The mean gradient over the processes, in one all-reduce (what DDP computes; a
+    parameter without a gradient here counts as zero, so every process sends the same)."""
+    import torch.distributed as tdist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    tdist.all_reduce(flat)
+    flat /= tdist.get_world_size()
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
 
 
 class WeightEMA:
@@ -556,6 +638,9 @@ class _Resumable:
     def __init__(self, path: str | Path | None, key: str, step: TrainStep,
                  gen: torch.Generator, loop: dict[str, Any]) -> None:
         self.path = None if path is None else Path(path)
+        if self.path is not None and step.dp is not None and step.dp.rank > 0:
+            # data-parallel: each process's RNGs drew for its own rows, so each keeps its own
+            self.path = self.path.with_name(f"{self.path.name}.rank{step.dp.rank}")
         self.key, self.step, self.gen, self.loop = key, step, gen, loop
         self.t0 = time.perf_counter()
         self.seconds_before = 0.0
