@@ -371,6 +371,7 @@ def sweep(
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the sweep already in --out, then write this one."),
     resume: bool = typer.Option(False, "--resume", help="Continue the sweep in --out started with the same options: finished cells are kept, unfinished ones continue."),
     nproc: int | None = typer.Option(None, help="Start this many processes through torch.distributed.run; each cell's seeds are shared out over them."),
+    sequential: bool | None = typer.Option(None, "--sequential/--together", help="Train each cell's seeds one after another instead of together as one vectorised model."),
     modality: str | None = typer.Option(None, help="Modality for *-one/mar/mnar (default: each in turn)."),
     strength: float = typer.Option(0.0, help="mar/mnar dependence strength (logit units)."),
     covariate: str | None = typer.Option(None, help="mar covariate (default n_available: modalities observed per sample)."),
@@ -398,7 +399,7 @@ def sweep(
             seeds=seeds, epochs=epochs, patience=patience, dataset=dataset, source=source,
             dataset_options=parse_dataset_options(dataset_option),
             store=store, experts=_csv(experts), teacher=teacher, task=task, device=device,
-            external_test=external_test))
+            external_test=external_test, sequential=sequential))
         rows = do_sweep(base, protocol, parse_rates(rates), _csv(fuser) or ["medmix"], out,
                         modality, strength, covariate, keep_last, overwrite=overwrite,
                         resume=resume)
@@ -555,6 +556,15 @@ def profile(
         typer.echo(f"Wrote {out}")
     except (MedmixError, OSError) as exc:
         _fail(exc)
+
+
+def _reproduce_app() -> None:
+    from medmix_core.reproduce import typer_command
+
+    app.command("reproduce")(typer_command())
+
+
+_reproduce_app()
 
 
 def _register_plugin_commands() -> None:

@@ -796,19 +796,20 @@ def compare(base: RunConfig, fusers: list[str], out: str | Path | None = None,
     folder = prepare_folder(root, "comparison", overwrite, resume, request)
     resolve_device(base.device)
     dist = distributed.context()
-    if folder.resuming and not base.experts:
-        done = [root / f / "config.json" for f in fusers if (root / f / "config.json").is_file()]
-        if done:  # the committee the comparison was planned with
-            stored = json.loads(done[0].read_text("utf-8"))
-            base = base.model_copy(update={"experts": stored.get("experts"),
-                                           "teacher": stored.get("teacher")})
-    # one committee for every fuser, planned (and said) once
-    base = choose_experts(base, get_fuser(fusers[0]), existing_store(base), log)
+    planned = None
+    if folder.resuming:  # the committee the comparison was planned with, not a new plan
+        from medmix_core.runs import read_info
+
+        planned = dist.broadcast(read_info(root).get("planned") if dist.is_main else None)
+    if planned is not None:
+        base = base.model_copy(update=planned)
+    else:  # one committee for every fuser, planned (and said) once
+        base = choose_experts(base, get_fuser(fusers[0]), existing_store(base), log)
     for f in fusers:  # every fuser's whole pre-flight (options, distillation, store) first
         run(base.model_copy(update={"fuser": f, "out": str(root / f)}), log, check_only=True,
             resume=folder.resuming)
     if dist.is_main:
-        folder.start(fusers=fusers)
+        folder.start(fusers=fusers, planned={"experts": base.experts, "teacher": base.teacher})
     results = []
     try:
         for f in fusers:

@@ -102,7 +102,7 @@ def sweep(base: RunConfig, protocol: str, rates: list[float], fusers: list[str],
         folder.start(protocol=protocol, rates=list(rates), fusers=list(fusers))
     try:
         rows = _sweep(base, protocol, rates, fusers, out, modality, strength, covariate,
-                      keep_last, log, folder.resuming)
+                      keep_last, log, folder)
         if dist.is_main:
             folder.finish()
     except BaseException as exc:
@@ -114,20 +114,24 @@ def sweep(base: RunConfig, protocol: str, rates: list[float], fusers: list[str],
 
 def _sweep(base: RunConfig, protocol: str, rates: list[float], fusers: list[str], out: Path,
            modality: str | None, strength: float, covariate: str | None, keep_last: bool,
-           log, resume: bool = False) -> list[dict[str, Any]]:
+           log, folder: RunFolder) -> list[dict[str, Any]]:
     from medmix_core import distributed
     from medmix_core.plugins import get_fuser
 
-    main = distributed.context().is_main
-    if resume and not base.experts:
-        done = sorted(out.glob("*/*/config.json"))
-        if done:  # the committee the sweep was planned with
-            stored = json.loads(done[0].read_text("utf-8"))
-            base = base.model_copy(update={"experts": stored.get("experts"),
-                                           "teacher": stored.get("teacher")})
-    # one committee for every fuser and rate, fixed before training
+    dist = distributed.context()
+    main, resume = dist.is_main, folder.resuming
+    planned = None
+    if resume:  # the committee the sweep was planned with, not a new plan
+        from medmix_core.runs import read_info
+
+        planned = dist.broadcast(read_info(out).get("planned") if main else None)
     existing = existing_store(base)
-    base = choose_experts(base, get_fuser(fusers[0]), existing, log)
+    if planned is not None:
+        base = base.model_copy(update=planned)
+    else:  # one committee for every fuser and rate, fixed before training
+        base = choose_experts(base, get_fuser(fusers[0]), existing, log)
+    if main:
+        folder.update(planned={"experts": base.experts, "teacher": base.teacher})
     store = ensure_store(base, log, existing)
     probe = load_tensors(base, store, teacher_needed=False)
     if protocol == "mar" and covariate is None:
