@@ -2,6 +2,8 @@
 
 :class:`StoreTensors` holds a whole store in memory as tensors (one per modality and
 expert); batches index them directly, so the training loop does no per-sample Python work.
+With ``stream=True`` the embeddings stay in the store's files (:mod:`medmix_core.stream`)
+and each batch reads its rows, for stores larger than memory; masks and labels stay in RAM.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 
 from medmix_core.errors import StoreError
 from medmix_core.store import EmbeddingStore
+from medmix_core.stream import ZeroRows, load_streamed, take_rows
 
 
 @dataclass
@@ -75,7 +78,8 @@ class StoreTensors:
     Attributes:
         modalities: modality names with at least one chosen expert, in store order.
         experts: modality -> expert names (in store order).
-        emb: modality -> list of ``[N, d_k]``.
+        emb: modality -> list of ``[N, d_k]`` (streamed: :class:`~medmix_core.stream.StreamedRows`
+            objects with the same ``shape`` and ``[idx]``).
         mask: modality -> ``[N, K_m]`` bool.
         teacher / teacher_mask: modality -> ``[N, d_T]`` and ``[N, M]`` bool, or None.
         labels: ``[N, C]`` float with NaN where unknown (binary, multi-label), or ``[N]``
@@ -98,7 +102,8 @@ class StoreTensors:
     def from_store(cls, store: EmbeddingStore, task: str | None = None,
                    experts: list[str] | None = None, teacher: str | None = None,
                    layout: dict[str, list[str]] | None = None,
-                   dims: dict[str, list[int]] | None = None) -> StoreTensors:
+                   dims: dict[str, list[int]] | None = None,
+                   stream: bool = False) -> StoreTensors:
         """Load chosen experts (default: all) and optionally one teacher from a store.
 
         Args:
@@ -110,14 +115,19 @@ class StoreTensors:
                 matched by name, never by position; a modality the store does not have is
                 absent for every row (mask False). Overrides ``experts``.
             dims: with ``layout``, the dims the model expects (checked by name).
+            stream: leave expert and teacher embeddings on disk and read each batch's rows
+                from the shards (:func:`medmix_core.stream.should_stream` is the automatic
+                rule); batches equal the in-memory ones bit for bit.
         Raises:
             StoreError: unknown experts, a layout expert missing from a modality the store
-                has, dims that differ, or label values the task type does not allow.
+                has, dims that differ, or label values the task type does not allow; a
+                present row holding NaN or Inf (streamed: when a batch reads it).
         """
+        load, zeros = _loaders(store, stream)
         spec = store.task(task)
         available = store.expert_names()
         if layout is not None:
-            names, emb, mask = _load_layout(store, layout, dims)
+            names, emb, mask = _load_layout(store, layout, dims, load, zeros)
             mods = list(layout)
         else:
             wanted = available if experts is None else list(experts)
@@ -133,7 +143,7 @@ class StoreTensors:
                     continue
                 mods.append(m.name)
                 names[m.name] = [e.name for e in entries]
-                loaded = [store.load(e) for e in entries]
+                loaded = [load(e) for e in entries]
                 emb[m.name] = [x for x, _ in loaded]
                 mask[m.name] = torch.stack([k for _, k in loaded], dim=1)  # [N, K_m]
             if not mods:
@@ -148,7 +158,7 @@ class StoreTensors:
                 except StoreError:
                     cols.append(torch.zeros(store.n_samples, dtype=torch.bool))
                     continue
-                x, k = store.load(e)
+                x, k = load(e)
                 t_emb[m] = x
                 cols.append(k)
             if not t_emb:
@@ -175,18 +185,28 @@ class StoreTensors:
     def modality_mask(self) -> torch.Tensor:
         return torch.stack([self.mask[m].any(dim=1) for m in self.modalities], dim=1)  # [N, M]
 
-    def batch(self, idx: torch.Tensor, mask: dict[str, torch.Tensor] | None = None) -> Batch:
-        """The batch of rows ``idx``; ``mask`` replaces the stored expert masks (protocols)."""
+    def batch(self, idx: torch.Tensor, mask: dict[str, torch.Tensor] | None = None,
+              teacher: bool = True) -> Batch:
+        """The batch of rows ``idx``; ``mask`` replaces the stored expert masks (protocols);
+        ``teacher=False`` leaves the teacher out (no rows read for it when streamed)."""
         mask = self.mask if mask is None else mask
         em = {m: mask[m][idx] for m in self.modalities}
         mm = torch.stack([em[m].any(dim=1) for m in self.modalities], dim=1)  # [B, M]
-        teacher = None if self.teacher is None else {m: x[idx] for m, x in self.teacher.items()}
+        with_teacher = teacher and self.teacher is not None
+        # one call for every table, so streamed tables read their rows concurrently
+        tmods = list(self.teacher) if with_teacher else []
+        rows = take_rows([x for m in self.modalities for x in self.emb[m]]
+                         + [self.teacher[m] for m in tmods], idx)
+        experts = {}
+        for m in self.modalities:
+            experts[m], rows = rows[:len(self.emb[m])], rows[len(self.emb[m]):]
+        t_emb = dict(zip(tmods, rows)) if with_teacher else None
         # a modality dropped by a protocol takes its teacher embedding with it
-        tmask = None if self.teacher_mask is None else self.teacher_mask[idx] & mm
+        tmask = self.teacher_mask[idx] & mm if with_teacher else None
         return Batch(
-            experts={m: [x[idx] for x in self.emb[m]] for m in self.modalities},
+            experts=experts,
             expert_mask=em, modality_mask=mm, labels=self.labels[idx],
-            label_mask=self.label_mask[idx], teacher=teacher, teacher_mask=tmask,
+            label_mask=self.label_mask[idx], teacher=t_emb, teacher_mask=tmask,
             index=idx, modalities=list(self.modalities))
 
 
@@ -226,9 +246,17 @@ def task_labels(store: EmbeddingStore, spec) -> tuple[torch.Tensor, torch.Tensor
     return raw2, known.any(dim=1)
 
 
+def _loaders(store: EmbeddingStore, stream: bool):
+    """(load entry -> (emb, mask), zeros (n, d) -> absent table), in memory or streamed."""
+    if not stream:
+        return store.load, torch.zeros
+    return (lambda e: load_streamed(store, e)), ZeroRows
+
+
 def _load_layout(store: EmbeddingStore, layout: dict[str, list[str]],
-                 dims: dict[str, list[int]] | None):
+                 dims: dict[str, list[int]] | None, load=None, zeros=torch.zeros):
     """Embeddings and masks of ``layout`` (modality -> expert names), matched by name."""
+    load = store.load if load is None else load
     names, emb, mask = {}, {}, {}
     have_mods = {m.name for m in store.modalities}
     n = store.n_samples
@@ -240,7 +268,7 @@ def _load_layout(store: EmbeddingStore, layout: dict[str, list[str]],
                 raise StoreError(f"Store {store.path} has no modality {m!r}; its dims are "
                                  f"needed to mark it absent.")
             # a modality this cohort lacks is absent for every row, never zero-valued
-            emb[m] = [torch.zeros(n, d) for d in want_dims]
+            emb[m] = [zeros(n, d) for d in want_dims]
             mask[m] = torch.zeros(n, len(experts), dtype=torch.bool)  # [N, K_m]
             names[m] = list(experts)
             continue
@@ -250,7 +278,7 @@ def _load_layout(store: EmbeddingStore, layout: dict[str, list[str]],
                              f"{list(entries)} but the model expects {experts}: {lacking} are "
                              f"missing. Encode the cohort with the run's experts (`medmix "
                              f"predict RUN --source RAW` does this from raw data).")
-        loaded = [store.load(entries[e]) for e in experts]
+        loaded = [load(entries[e]) for e in experts]
         if want_dims is not None:
             got = [int(x.shape[1]) for x, _ in loaded]
             if got != list(want_dims):

@@ -295,6 +295,8 @@ def extract(
                         teacher_rows=teacher_rows, overwrite=overwrite,
                         dataset_options=_dataset_options(dataset_option, split_seed),
                         progress=progress, all_rows_split=all_rows_split)
+        if not is_main():
+            return  # rank 0 reports the store
         typer.echo(f"Store {st.path}: {st.n_samples} samples, tasks "
                    f"{[t.name for t in st.tasks]}, splits "
                    f"{ {k: len(v) for k, v in st.splits.items()} }")

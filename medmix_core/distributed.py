@@ -86,6 +86,11 @@ class Dist:
         """The device of this rank: ``cuda`` becomes ``cuda:<local_rank>`` (one GPU per
         process); anything else is kept."""
         if self.active and name in ("auto", "cuda", None) and torch.cuda.is_available():
+            if self.local_rank >= torch.cuda.device_count():
+                raise MedmixError(f"Process {self.local_rank} of this node would take GPU "
+                                  f"cuda:{self.local_rank}, but the node has "
+                                  f"{torch.cuda.device_count()}. Start at most one process "
+                                  f"per GPU (--nproc-per-node), or pass --device cpu.")
             return f"cuda:{self.local_rank}"
         return name
 
@@ -109,8 +114,12 @@ def context() -> Dist:
         return _CURRENT
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
+    # one rule for every rank (a rank-dependent test would split the group): NCCL when
+    # this node has a GPU for each of its processes
+    n_local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     backend = os.environ.get("MEDMIX_DIST_BACKEND") or (
-        "nccl" if torch.cuda.is_available() and torch.cuda.device_count() > local else "gloo")
+        "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= n_local
+        else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(local)
     if not tdist.is_initialized():

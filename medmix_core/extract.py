@@ -8,13 +8,25 @@ way under ``teachers/``, by default for the training rows only (they are trainin
 Resumable. ``extract_state.json`` in the store folder records, per (role, modality,
 encoder), a cache key (dataset identity, sample ids, splits, encoder name, version,
 provenance/options, shard size, teacher rows) and the shards already finished. Re-running
-with the same inputs reuses finished shards and continues after the last one, so an
-interrupted extraction resumes and ends with shards byte-identical to an uninterrupted
-run; a run with nothing left to do returns the store untouched, and a run over a store
-with a missing or damaged shard re-makes just that shard and the ones after it. Adding an
-expert to an existing store keeps the ones already there; changing an expert's options
-re-extracts that expert only. Fitted state is saved before the first shard and restored
-with ``set_state`` on resume, so a resumed expert never re-fits differently.
+with the same inputs keeps every finished shard that is still intact on disk and makes the
+others, so an interrupted extraction resumes and ends with shards byte-identical to an
+uninterrupted run; a run with nothing left to do returns the store untouched, and a run
+over a store with a missing or damaged shard re-makes just that shard. Adding an expert to
+an existing store keeps the ones already there; changing an expert's options re-extracts
+that expert only. Fitted state is saved before the first shard, and every shard is encoded
+by an expert restored from that saved state (``set_state``), so a fresh run, a resumed run
+and every process of a distributed run encode with the same state.
+
+Several processes. Under ``torchrun`` (:mod:`medmix_core.distributed`) every rank reads the
+cohort and plans the same jobs; rank 0 alone takes the folder lock, fits (or restores) each
+job's state and writes it, and the missing shards of the job are shared among the ranks.
+Rank 0 records its shards in ``extract_state.json``; every other rank records its own in
+``extract_state.rank<r>.json`` after each shard, so a killed run loses no finished shard:
+rank 0 merges those files (on the next run too, whatever its number of processes) and
+validates every record before it is kept. Rank 0 writes labels and manifest last. The
+result is byte-identical to a one-process extraction. A failure on one rank stops every
+rank at the next sync point with a message naming the rank, instead of leaving the others
+waiting.
 """
 
 from __future__ import annotations
@@ -22,8 +34,11 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +49,7 @@ from safetensors.numpy import load_file
 
 from medmix_core.config import parse_names
 from medmix_core.datasets import missing_rates
+from medmix_core.distributed import Dist, context
 from medmix_core.errors import DataError, MedmixError, StoreError, UnknownPluginError
 from medmix_core.experts import ExpertEncoder
 from medmix_core.files import cached_sha256, jsonable, sha256_file
@@ -50,6 +66,11 @@ from medmix_core.types import ModalitySpec, Sample, TaskSpec
 STATE_FILE = "extract_state.json"
 STATE_FORMAT = "medmix-extract-state"
 STATE_VERSION = 1
+#: the shard records of rank r > 0 of a distributed run, merged by rank 0
+PART_GLOB = "extract_state.rank*.json"
+#: looks, 0.25 s apart, of a rank > 0 for the state rank 0 wrote (a network file system
+#: may show a new file late)
+_SEE_TRIES = 20
 #: what extraction may delete in ``out`` (never anything else)
 _OWNED = ("manifest.json", "labels.safetensors", "shards", "teachers", "state", STATE_FILE)
 
@@ -191,6 +212,8 @@ def _clean_out(out: Path) -> None:
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
+    for p in out.glob(PART_GLOB):
+        p.unlink()
 
 
 # ---------------------------------------------------------------------- the extraction
@@ -312,7 +335,8 @@ def extract(
         experts: expert names; each must accept at least one modality of the dataset.
         teachers: teacher names (a registered teacher, or any expert used as one).
         source: the dataset's source (folder, archive, manifest); None = its default.
-        device: where encoders run (``"cpu"``, ``"cuda"``, ...).
+        device: where encoders run (``"cpu"``, ``"cuda"``, ...); under torchrun ``"cuda"``
+            is ``cuda:<local rank>`` for each process.
         shard_size: rows per shard file.
         dataset_options: keyword options for the dataset class (e.g. ``split_seed``).
         progress: show a progress bar per encoder (rich, on stderr).
@@ -328,6 +352,10 @@ def extract(
         all_rows_split: put every row in this split (``"train"``, ``"val"`` or ``"test"``)
             instead of the dataset's splits, e.g. ``"test"`` for a cohort that is only
             predicted on. Without ``fit_from`` the split must leave training rows to fit on.
+    Under ``torchrun`` (several processes, see :mod:`medmix_core.distributed`) every
+    process calls it with the same arguments: rank 0 takes the lock and fits, the missing
+    shards are shared, rank 0 writes the manifest, and every process returns the store.
+
     Returns:
         The opened, validated store.
     Raises:
@@ -335,30 +363,141 @@ def extract(
         ExtractError: an encoder that accepts no modality of the dataset, an existing
             store of other data without ``overwrite``, an encoder output of the wrong shape.
         DataError: invalid dataset content (duplicate ids, wrong payload kinds, labels).
+        ExtractError: (several processes) another process failed; its rank and message
+            are named, and the shards finished so far are kept for the next run.
     """
-    req = Request(dataset, Path(out), parse_names(experts) or [], parse_names(teachers) or [],
-                  source, device, shard_size, dict(dataset_options or {}), progress,
-                  dict(expert_options or {}), teacher_rows, overwrite,
-                  None if fit_from is None else Path(fit_from), all_rows_split)
-    req.check()
-    fitted = None if req.fit_from is None else _fitted_states(req.fit_from)
-    ds_cls = get_dataset(req.dataset)
-    ds = ds_cls(source=req.source, **req.dataset_options)
-    encoders = resolve_encoders(req, ds_cls, ds.modalities(), fitted)
-    cohort = read_cohort(req, ds, fitted is not None)
+    dist = context()
+    err = None
+    try:  # every rank reads the same cohort and plans the same jobs (deterministic)
+        req = Request(dataset, Path(out), parse_names(experts) or [],
+                      parse_names(teachers) or [], source, device, shard_size,
+                      dict(dataset_options or {}), progress, dict(expert_options or {}),
+                      teacher_rows, overwrite, None if fit_from is None else Path(fit_from),
+                      all_rows_split)
+        req.check()
+        req.device = dist.device(req.device)  # cuda -> cuda:<local_rank> under torchrun
+        fitted = None if req.fit_from is None else _fitted_states(req.fit_from)
+        ds_cls = get_dataset(req.dataset)
+        ds = ds_cls(source=req.source, **req.dataset_options)
+        encoders = resolve_encoders(req, ds_cls, ds.modalities(), fitted)
+        cohort = read_cohort(req, ds, fitted is not None)
+        jobs = plan_jobs(req, cohort, encoders, fitted)
+    except Exception as exc:  # noqa: BLE001 - raised on every rank just below
+        err = exc
+    _all_passed(dist, err, "before the store was opened")
+
+    lock = FolderLock(req.out, "store")
+    state: dict[str, Any] = {}
+    done: dict[str, EmbeddingStore] = {}
+
+    def begin() -> bool:  # rank 0: the lock first, then nobody writes before the barrier
+        lock.acquire()
+        state.update(_open_state(req.out, cohort.hash, cohort.key, req.overwrite))
+        _sweep_temps(req.out)
+        _merge_parts(req.out, state)
+        store = _up_to_date(req.out, state, jobs)
+        if store is not None:
+            done["store"] = store
+        return store is not None
+
+    def finish() -> None:
+        for part in req.out.glob(PART_GLOB):  # merged into the state job by job
+            part.unlink()
+        done["store"] = write_manifest(req, cohort, ds_cls, state)
+
     try:
-        with FolderLock(req.out, "store"):
-            state = _open_state(req.out, cohort.hash, cohort.key, req.overwrite)
-            jobs = plan_jobs(req, cohort, encoders, fitted)
-            store = _up_to_date(req.out, state, jobs)
-            if store is not None:
-                return store
-            run_jobs(req, cohort, jobs, state)
-            return write_manifest(req, cohort, ds_cls, state)
+        up_to_date = _on_main(dist, "while opening the store", begin)
+        if dist.active:
+            err = None
+            try:
+                _see_store(req.out, dist)
+            except ExtractError as exc:
+                err = exc
+            _all_passed(dist, err, "while opening the store")
+        if not up_to_date:
+            run_jobs(req, cohort, jobs, state, dist)
+            _on_main(dist, "while writing the manifest", finish)
+        return done["store"] if dist.is_main else EmbeddingStore.open(req.out)
     except OSError as exc:
         raise ExtractError(f"Cannot write the store {req.out}: {exc}. Pass a writable --out "
                            f"(nothing was changed in {req.out} beyond what was finished)."
                            ) from exc
+    finally:
+        lock.release()
+
+
+def _see_store(out: Path, dist: Dist) -> None:
+    """Ranks > 0: the state rank 0 has just written must be visible here, or the store
+    folder is not shared (a node's local disk); a network file system may show a new file
+    a moment late, so it is looked for a few times.
+
+    Raises:
+        ExtractError: the state file is not seen.
+    """
+    if dist.is_main:
+        return
+    for _ in range(_SEE_TRIES):
+        if (out / STATE_FILE).is_file():
+            return
+        time.sleep(0.25)
+    raise ExtractError(f"Rank {dist.rank} (host {socket.gethostname()}) does not see "
+                       f"{out / STATE_FILE}, which rank 0 has written: the store folder must "
+                       f"be on a file system every node of the run shares, at the same path "
+                       f"(e.g. NFS or Lustre). Pass such a --out.")
+
+
+def _note(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _all_passed(dist: Dist, err: BaseException | None, where: str, payload: Any = None
+                ) -> list[Any]:
+    """A sync point every rank reaches: every rank's ``payload`` in rank order, or, when
+    any rank failed before it, an error on every rank (the failing one re-raises its own).
+
+    Raises:
+        ExtractError: another rank failed (its rank and message are named).
+    """
+    if not dist.active:
+        if err is not None:
+            raise err
+        return [payload]
+    got = dist.gather((None if err is None else _note(err), payload))
+    if err is not None:
+        raise err
+    for r, (note, _) in enumerate(got):
+        if note is not None:
+            raise ExtractError(f"Extraction stopped {where}: rank {r} of {dist.world} failed "
+                               f"({note}). Fix that and re-run the same command; the shards "
+                               f"finished so far are kept.")
+    return [p for _, p in got]
+
+
+def _on_main(dist: Dist, where: str, fn: Any) -> Any:
+    """``fn()`` on rank 0 while the other ranks wait; its (picklable) result on every rank.
+    The broadcast is the barrier: no rank goes on before rank 0 has done ``fn``.
+
+    Raises:
+        ExtractError: rank 0 failed (on the other ranks; rank 0 re-raises its own error).
+    """
+    value, err = None, None
+    if dist.is_main:
+        try:
+            value = fn()
+        except Exception as exc:  # noqa: BLE001 - raised on every rank just below
+            err = exc
+    if not dist.active:
+        if err is not None:
+            raise err
+        return value
+    sent = dist.broadcast({"error": None if err is None else _note(err), "value": value})
+    if err is not None:
+        raise err
+    if sent["error"] is not None:
+        raise ExtractError(f"Extraction stopped {where}: rank 0 of {dist.world} failed "
+                           f"({sent['error']}). Fix that and re-run the same command; the "
+                           f"shards finished so far are kept.")
+    return sent["value"]
 
 
 def resolve_encoders(req: Request, ds_cls: type, mods: list[ModalitySpec],
@@ -456,13 +595,25 @@ def _up_to_date(out: Path, state: dict[str, Any], jobs: list[Job]) -> EmbeddingS
     return None
 
 
-def run_jobs(req: Request, cohort: Cohort, jobs: list[Job], state: dict[str, Any]) -> None:
-    """Step 3: fit (or restore) and encode every job's missing shards, with progress."""
+def run_jobs(req: Request, cohort: Cohort, jobs: list[Job], state: dict[str, Any],
+             dist: Dist | None = None) -> None:
+    """Step 3: fit (or restore) and encode every job's missing shards, with progress.
+
+    Every rank runs it for the same jobs in the same order. Per job: rank 0 checks the
+    finished shards and fits or restores the state (the others wait); every rank encodes
+    its share of the missing shards; rank 0 merges the records and marks the job complete.
+    ``state`` is read and written on rank 0 only.
+    """
+    dist = dist or Dist()
     writer = StoreWriter(req.out)
     n = len(cohort.samples)
     train = cohort.train
     bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=Console(stderr=True), disable=not req.progress)
+                    TimeElapsedColumn(), console=Console(stderr=True),
+                    disable=not (req.progress and dist.is_main))
+    # this rank's records, for rank 0 to merge even after a kill (ranks > 0 only)
+    part: dict[str, Any] = {"format": STATE_FORMAT, "version": STATE_VERSION,
+                            "rank": dist.rank, "encoders": {}}
     with bars:
         totals: dict[tuple[str, str], int] = {}
         for j in jobs:
@@ -471,10 +622,23 @@ def run_jobs(req: Request, cohort: Cohort, jobs: list[Job], state: dict[str, Any
         bar_of = {label: bars.add_task(f"{label[0]} {label[1]}", total=total)
                   for label, total in totals.items()}
         for j in jobs:
-            e = j.encoder
-            _extract_one(writer, state, cohort.samples, train, e.role, e.name, e.model,
-                         j.modality, j.key, req.shard_size, req.teacher_rows, bars,
-                         bar_of[(e.role, e.name)], j.given)
+            bar = bar_of[(j.encoder.role, j.encoder.name)]
+            payload, present = _payloads(cohort.samples, train, j, req.teacher_rows)
+            plan = _on_main(dist, f"while fitting {j.label}", partial(
+                _prepare_job, writer, state, j, payload, present, train, n, req.shard_size,
+                bars, bar))
+            if plan is None:  # complete and intact
+                continue
+            err, mine = None, []
+            try:
+                mine = _encode_share(writer, state, part, j, plan, payload, present, n,
+                                     req.shard_size, dist, bars, bar)
+            except Exception as exc:  # noqa: BLE001 - raised on every rank just below
+                err = exc
+            records = _all_passed(dist, err, f"while encoding {j.label}", mine)
+            _on_main(dist, f"while finishing {j.label}", partial(
+                _finish_job, writer, state, j, n, req.shard_size, records, bars, bar))
+            part["encoders"].clear()  # rank 0 has saved them: the file need not grow
 
 
 def write_manifest(req: Request, cohort: Cohort, ds_cls: type,
@@ -590,20 +754,60 @@ def _save_state(out: Path, state: dict[str, Any]) -> None:
     atomic_write_text(out / STATE_FILE, json.dumps(_jsonable(state), indent=1))
 
 
-def _extract_one(writer: StoreWriter, state: dict[str, Any], samples: list[Sample],
-                 train: np.ndarray, role: str, name: str, enc: ExpertEncoder, m: ModalitySpec,
-                 key: str, shard_size: int, teacher_rows: str, bars, bar,
-                 given: dict[str, Any] | None = None) -> None:
-    """Fit (or restore) one encoder on one modality and write its missing shards.
+def _payloads(samples: list[Sample], train: np.ndarray, job: Job, teacher_rows: str
+              ) -> tuple[list[Any], np.ndarray]:
+    """The job's payload per row (None = absent) and the rows it encodes [N] bool."""
+    payload = [s.modalities.get(job.modality.name) for s in samples]
+    present = np.array([p is not None for p in payload], dtype=bool)  # [N]
+    if job.encoder.role == "teacher" and teacher_rows == "train":
+        present &= train
+    return payload, present
 
-    ``given`` is a fitted state from ``fit_from`` (path or None, dim, provenance): it is
-    restored instead of fitting.
+
+def _intact(writer: StoreWriter, prev: dict[str, Any] | None, job: Job, n: int,
+            shard_size: int, dim: int, bars: Progress) -> dict[int, dict[str, Any]]:
+    """Shard index -> record, for the recorded shards still intact on disk (any subset:
+    the ranks of a killed run finish shards out of order)."""
+    kept: dict[int, dict[str, Any]] = {}
+    for rec in [] if prev is None else prev.get("shards", []):
+        try:
+            k, off = divmod(int(rec["start"]), shard_size)
+            fits = (off == 0 and 0 <= rec["start"] < n and k not in kept
+                    and rec["stop"] == min(n, (k + 1) * shard_size)
+                    and rec["file"] == writer.shard_path(job.modality.name, job.encoder.name,
+                                                         k, job.encoder.role))
+        except (KeyError, TypeError, ValueError):
+            continue  # a record we cannot read: its shard is re-made
+        if not fits:
+            continue
+        p = writer.path / rec["file"]
+        if (not p.is_file() or p.stat().st_size != rec.get("bytes")
+                or not writer.has_shard(rec["file"], rec["stop"] - rec["start"], dim)):
+            continue
+        if rec.get("sha256") and cached_sha256(p) != rec["sha256"]:
+            bars.console.print(f"{p}: sha256 differs from the record; re-making it.")
+            continue
+        kept[k] = rec
+    return kept
+
+
+def _prepare_job(writer: StoreWriter, state: dict[str, Any], job: Job, payload: list[Any],
+                 present: np.ndarray, train: np.ndarray, n: int, shard_size: int,
+                 bars: Progress, bar: Any) -> dict[str, Any] | None:
+    """Rank 0: keep the job's intact shards, fit (or restore) its state and save it.
+
+    ``job.given`` is a fitted state from ``fit_from`` (path or None, dim, provenance): it
+    is restored instead of fitting.
+
+    Returns:
+        None when the job is complete and intact; else what every rank needs to encode
+        the rest: ``missing`` shard indices, ``dim`` and the saved ``state_file`` (or None).
     """
-    n = len(samples)
-    label = f"{role}:{m.name}:{name}"
+    e, m, key = job.encoder, job.modality, job.key
+    enc, label = e.model, job.label
     prev = state["encoders"].get(label)
-    folder = writer.path / ("shards" if role == "expert" else "teachers") / m.name / name
-    state_name = name if role == "expert" else f"{name}.teacher"
+    folder = writer.path / ("shards" if e.role == "expert" else "teachers") / m.name / e.name
+    state_name = e.name if e.role == "expert" else f"{e.name}.teacher"
     if prev is None or prev.get("key") != key:
         if folder.exists():  # shards of other inputs; they must not be mixed in
             shutil.rmtree(folder)
@@ -611,35 +815,18 @@ def _extract_one(writer: StoreWriter, state: dict[str, Any], samples: list[Sampl
             (writer.path / prev["state_file"]).unlink(missing_ok=True)
         prev = None
     dim = int(enc.dim(m))
-    payload = [s.modalities.get(m.name) for s in samples]
-    present = np.array([p is not None for p in payload], dtype=bool)
-    if role == "teacher" and teacher_rows == "train":
-        present &= train
-
-    # shards already finished under this key, in order, still intact on disk
-    kept: list[dict[str, Any]] = []
-    if prev is not None:
-        for rec in prev.get("shards", []):
-            p = writer.path / rec["file"]
-            rows = rec["stop"] - rec["start"]
-            if (rec["start"] != len(kept) * shard_size or not p.is_file()
-                    or p.stat().st_size != rec["bytes"]
-                    or not writer.has_shard(rec["file"], rows, dim)):
-                break
-            if rec.get("sha256") and cached_sha256(p) != rec["sha256"]:
-                bars.console.print(f"{p}: sha256 differs from the record; re-making it and "
-                                   f"the shards after it.")
-                break
-            kept.append(rec)
+    kept = _intact(writer, prev, job, n, shard_size, dim, bars)
     n_shards = (n + shard_size - 1) // shard_size
     if prev is not None and prev.get("complete") and len(kept) == n_shards:
         bars.advance(bar, n)
-        return
+        return None
 
     entry = {"key": key, "dim": dim, "family": getattr(enc, "family", "domain"),
-             "provenance": _jsonable(enc.provenance()), "shards": kept,
+             "provenance": _jsonable(enc.provenance()),
+             "shards": [kept[k] for k in sorted(kept)],
              "state_file": prev.get("state_file") if prev else None, "complete": False}
     saved = entry["state_file"] and (writer.path / entry["state_file"]).is_file()
+    given = job.given
     if given is not None:
         if given["path"] is not None:
             enc.set_state(m, load_file(str(given["path"])))
@@ -652,12 +839,29 @@ def _extract_one(writer: StoreWriter, state: dict[str, Any], samples: list[Sampl
         entry["state_file"] = writer.write_state(m.name, state_name, enc.get_state(m))
     # what fitting learned (e.g. a self-supervised encoder's training facts) is provenance
     entry["provenance"] = _jsonable(enc.provenance())
+    if not saved and entry["state_file"]:
+        # encode with the state as saved, as a resumed run and the other ranks do
+        enc.set_state(m, load_file(str(writer.path / entry["state_file"])))
     state["encoders"][label] = entry
     _save_state(writer.path, state)
-    bars.advance(bar, len(kept) * shard_size)
+    bars.advance(bar, sum(r["stop"] - r["start"] for r in entry["shards"]))
+    return {"missing": [k for k in range(n_shards) if k not in kept], "dim": dim,
+            "state_file": entry["state_file"]}
 
+
+def _encode_share(writer: StoreWriter, state: dict[str, Any], part: dict[str, Any], job: Job,
+                  plan: dict[str, Any], payload: list[Any], present: np.ndarray, n: int,
+                  shard_size: int, dist: Dist, bars: Progress, bar: Any) -> list[dict[str, Any]]:
+    """Every rank: restore the saved state (rank 0 already has it) and encode this rank's
+    share of the missing shards, recording each one as soon as it is written."""
+    e, m = job.encoder, job.modality
+    enc = e.model
+    if not dist.is_main and plan["state_file"]:
+        enc.set_state(m, load_file(str(writer.path / plan["state_file"])))
+    dim = plan["dim"]
     bs = max(1, int(getattr(enc, "batch_size", 256) or 256))
-    for k in range(len(kept), n_shards):
+    mine = []
+    for k in dist.share(plan["missing"]):
         start, stop = k * shard_size, min(n, (k + 1) * shard_size)
         rows = np.flatnonzero(present[start:stop]) + start
         emb = np.zeros((stop - start, dim), dtype=np.float32)  # [n, d]; masked rows stay 0
@@ -665,20 +869,87 @@ def _extract_one(writer: StoreWriter, state: dict[str, Any], samples: list[Sampl
             chunk = rows[b:b + bs]
             x = np.asarray(enc.encode(m, [payload[i] for i in chunk]), dtype=np.float32)
             if x.shape != (len(chunk), dim):
-                raise ExtractError(f"The {role} {name!r} returned shape {list(x.shape)} for "
-                                   f"{len(chunk)} {m.name!r} payloads; expected "
+                raise ExtractError(f"The {e.role} {e.name!r} returned shape {list(x.shape)} "
+                                   f"for {len(chunk)} {m.name!r} payloads; expected "
                                    f"[{len(chunk)}, {dim}] (its dim()).")
             if not np.isfinite(x).all():
-                raise ExtractError(f"The {role} {name!r} produced NaN/Inf for modality "
+                raise ExtractError(f"The {e.role} {e.name!r} produced NaN/Inf for modality "
                                    f"{m.name!r} (rows {chunk[:5].tolist()}...). Encoders must "
                                    f"return finite values for present payloads.")
             emb[chunk - start] = x
-        mask = np.zeros(stop - start, dtype=bool)
+        mask = np.zeros(stop - start, dtype=bool)  # [n]
         mask[rows - start] = True
-        rec = writer.write_shard(writer.shard_path(m.name, name, k, role), emb, mask)
+        rec = writer.write_shard(writer.shard_path(m.name, e.name, k, e.role), emb, mask)
         rec.update(start=start, stop=stop)
-        entry["shards"].append(rec)
-        _save_state(writer.path, state)
+        mine.append(rec)
+        if dist.is_main:
+            state["encoders"][job.label]["shards"].append(rec)
+            _save_state(writer.path, state)
+        else:
+            part["encoders"].setdefault(job.label, {"key": job.key, "shards": []})[
+                "shards"].append(rec)
+            atomic_write_text(writer.path / PART_GLOB.replace("*", str(dist.rank)),
+                              json.dumps(_jsonable(part), indent=1))
         bars.advance(bar, stop - start)
+    return mine
+
+
+def _add_records(entry: dict[str, Any], records: Sequence[dict[str, Any]]) -> None:
+    """Records into an entry, one per file (the newer wins), in shard order."""
+    by_file = {r["file"]: r for r in entry["shards"]}
+    by_file.update({r["file"]: r for r in records})
+    entry["shards"] = sorted(by_file.values(), key=lambda r: r["start"])
+
+
+def _finish_job(writer: StoreWriter, state: dict[str, Any], job: Job, n: int, shard_size: int,
+                records: list[list[dict[str, Any]]], bars: Progress, bar: Any) -> None:
+    """Rank 0: every rank's records of the job merged; the job marked complete."""
+    entry = state["encoders"][job.label]
+    have = {r["file"] for r in entry["shards"]}
+    others = [r for recs in records for r in recs if r["file"] not in have]
+    bars.advance(bar, sum(r["stop"] - r["start"] for r in others))
+    _add_records(entry, others)
+    n_shards = (n + shard_size - 1) // shard_size
+    if [r["start"] for r in entry["shards"]] != [k * shard_size for k in range(n_shards)]:
+        raise ExtractError(f"{job.label}: after every rank finished, the shards recorded start "
+                           f"at {[r['start'] for r in entry['shards']]}, expected every "
+                           f"{shard_size} rows of {n}. Re-run the same command to re-make "
+                           f"the missing ones.")
     entry["complete"] = True
     _save_state(writer.path, state)
+
+
+def _sweep_temps(out: Path) -> None:
+    """Rank 0, holding the lock: remove the temp files of writes a kill cut short (an
+    atomic write leaves ``.<name>.<random>.tmp`` behind when its process dies)."""
+    temps = list(out.glob(".*.tmp"))
+    for folder in ("shards", "teachers", "state"):
+        if (out / folder).is_dir():
+            temps += (out / folder).rglob(".*.tmp")
+    for p in temps:
+        p.unlink(missing_ok=True)
+
+
+def _merge_parts(out: Path, state: dict[str, Any]) -> None:
+    """Rank 0, before any rank writes: the shard records other ranks of an earlier run left
+    (a killed or failed run) are merged into ``state`` where their job's key still holds,
+    and their files removed. Each record is validated again before its shard is kept."""
+    parts = sorted(out.glob(PART_GLOB))
+    if not parts:
+        return
+    for p in parts:
+        try:
+            part = json.loads(p.read_text("utf-8"))
+            if part.get("format") != STATE_FORMAT or part.get("version") != STATE_VERSION:
+                continue
+            for label, rec in part["encoders"].items():
+                entry = state["encoders"].get(label)
+                if entry is not None and entry.get("key") == rec["key"]:
+                    _add_records(entry, [r for r in rec["shards"] if isinstance(r, dict)
+                                         and "file" in r and "start" in r])
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError,
+                TypeError):
+            continue  # records we cannot read: their shards are re-made
+    _save_state(out, state)  # merged first, then the parts go
+    for p in parts:
+        p.unlink(missing_ok=True)

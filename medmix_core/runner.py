@@ -205,7 +205,11 @@ def _filter_modalities(tensors: StoreTensors, keep: list[str] | None) -> StoreTe
 def load_tensors(cfg: RunConfig, store: EmbeddingStore, teacher_needed: bool) -> StoreTensors:
     experts = select_experts(cfg, store)
     teacher = cfg.teacher if (cfg.teacher and teacher_needed) else None
-    tensors = StoreTensors.from_store(store, cfg.task, experts, teacher)
+    from medmix_core.stream import should_stream
+
+    # a store larger than memory is read batch by batch (the same batches, bit for bit)
+    stream = should_stream(store, experts, teacher) if cfg.stream is None else cfg.stream
+    tensors = StoreTensors.from_store(store, cfg.task, experts, teacher, stream=stream)
     return _filter_modalities(tensors, cfg.keep_modalities)
 
 

@@ -218,7 +218,7 @@ def predict_rows(model: Fuser, tensors: StoreTensors, rows: torch.Tensor, device
                                            "router_weights": []}
     for start in range(0, len(rows), batch_size):
         idx = rows[start:start + batch_size]
-        batch = tensors.batch(idx, mask).to(device)
+        batch = tensors.batch(idx, mask, teacher=_reads_teacher(model)).to(device)
         with autocast_context(device, amp):
             out = model(batch)
         outs["logits"].append(out.logits.float().cpu())
@@ -231,6 +231,11 @@ def predict_rows(model: Fuser, tensors: StoreTensors, rows: torch.Tensor, device
         res["logits"] = torch.zeros(0, tensors.n_outputs)
     res["probs"] = probabilities(res["logits"], tensors.task_type)
     return res
+
+
+def _reads_teacher(model: Fuser) -> bool:
+    """Whether evaluation needs the teacher's rows (a fuser that reads them at inference)."""
+    return bool(getattr(model, "uses_teacher_at_inference", False))
 
 
 def autocast_context(device: torch.device, amp: bool):
@@ -388,9 +393,7 @@ class TrainStep:
     def prepare(self, idx: torch.Tensor, gen: torch.Generator) -> Batch:
         """The training batch of rows ``idx``: training masks, augmented (drawing from
         ``gen``), on the device."""
-        batch = self.tensors.batch(idx, self.base_mask)
-        if not self.reads_teacher:
-            batch = replace(batch, teacher=None, teacher_mask=None)
+        batch = self.tensors.batch(idx, self.base_mask, teacher=self.reads_teacher)
         em = augment_masks(batch.expert_mask, batch.modalities, self.cfg.modality_dropout,
                            self.cfg.expert_dropout, gen)
         return batch.with_masks(em).to(self.device)
@@ -595,7 +598,7 @@ def _train_epoch(step: TrainStep, rows: torch.Tensor, epoch: int,
             "distill_loss": tot["distill"] / len(rows), "aux_loss": tot["aux"] / len(rows)}
 
 
-def _start_seed(cfg: RunConfig, spec: FusionSpec, seed: int
+def start_seed(cfg: RunConfig, spec: FusionSpec, seed: int
                 ) -> tuple[torch.device, torch.Generator, Fuser]:
     """Device, threads, seeded RNGs and a freshly built fuser: how every seed starts."""
     device = resolve_device(cfg.device)
@@ -609,6 +612,7 @@ def _start_seed(cfg: RunConfig, spec: FusionSpec, seed: int
 #: RunConfig fields a checkpoint's key leaves out: outputs and threads, which do not change
 #: what a seed learns, and how the data was chosen, which the fusion spec says instead
 NOT_IN_KEY = ("out", "progress", "threads", "external_test", "external_dataset", "bootstrap",
+              "stream",
               "dataset", "source", "dataset_options", "store", "experts", "drop_experts",
               "expert_options", "keep_modalities")
 
@@ -698,7 +702,7 @@ def train_seed(cfg: RunConfig, tensors: StoreTensors, spec: FusionSpec,
     Raises:
         MedmixError: ``checkpoint`` belongs to another configuration, seed or split.
     """
-    device, gen, model = _start_seed(cfg, spec, seed)
+    device, gen, model = start_seed(cfg, spec, seed)
     train_rows = torch.as_tensor(splits["train"], dtype=torch.long)
     val_rows = torch.as_tensor(splits["val"], dtype=torch.long)
     check_trainable(tensors, splits)
@@ -777,7 +781,7 @@ def refit_seed(cfg: RunConfig, tensors: StoreTensors, spec: FusionSpec,
         raise MedmixError(f"refit needs at least 1 epoch, got {epochs}; pass the validation "
                           f"run's best_epoch + 1.")
     check_trainable(tensors, splits)
-    device, gen, model = _start_seed(cfg, spec, seed)
+    device, gen, model = start_seed(cfg, spec, seed)
     rows = torch.as_tensor(list(splits["train"]) + list(splits["val"]), dtype=torch.long)
     step = TrainStep(cfg, model, tensors, device, rows, train_mask, seed)
     loop: dict[str, Any] = {"history": []}
@@ -808,7 +812,7 @@ def evaluate_loss(model: Fuser, tensors: StoreTensors, rows: torch.Tensor, devic
     total, n = 0.0, 0
     for start in range(0, len(rows), 1024):
         idx = rows[start:start + 1024]
-        batch = tensors.batch(idx, mask).to(device)
+        batch = tensors.batch(idx, mask, teacher=_reads_teacher(model)).to(device)
         with autocast_context(device, cfg.amp):
             out = model(batch)
         total += float(task_loss(out.logits, batch, tensors.task_type, pos_weight)) * len(idx)
