@@ -518,9 +518,17 @@ def run(cfg: RunConfig, log=print, overwrite: bool = False, tracker=None,
         return None
 
     dist = distributed.context()
+    error = None
+    if dist.is_main:  # outside the try: a folder another process locked is never cleared
+        try:
+            folder.start(seeds=list(cfg.seeds), fuser=cfg.fuser)
+        except MedmixError as exc:
+            error = str(exc)
+    if dist.broadcast(error) is not None:
+        raise RunFolderError(error or "The results folder could not be started by rank 0; "
+                                      "its error is in its own output.")
     try:
         if dist.is_main:
-            folder.start(seeds=list(cfg.seeds), fuser=cfg.fuser)
             folder.write_text("config.json", resolved.model_dump_json(indent=1))
             _copy_encoders(store, tensors, out)
             if tracker is not None:

@@ -390,8 +390,11 @@ def open_run(path: str | os.PathLike, allow_incomplete: bool = False) -> RunFold
                              f"the folder holds models of seeds {saved}. Re-run it into a "
                              f"new folder.")
     if info.get("status") != "complete" and not allow_incomplete:
-        again = (f"Resume it with the same command plus --resume ({info.get('command')!r} "
-                 f"--resume)" if info.get("request") is not None else
+        command = str(info.get("command") or "medmix run ...")
+        if "--resume" not in command.split():
+            command += " --resume"
+        again = (f"Resume it with the same command plus --resume: `{command}`"
+                 if info.get("request") is not None else
                  "Re-run the same command with --overwrite to train it again")
         raise RunFolderError(
             f"{path} holds an incomplete run (status {info.get('status')}): seeds "

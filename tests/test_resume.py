@@ -75,7 +75,8 @@ def _without_times(o):
 
 def _results(folder: Path) -> tuple[dict, str, dict]:
     metrics = json.loads((folder / "metrics.json").read_text())
-    weights = {p.parent.name: p.read_bytes() for p in sorted(folder.glob("seed_*/model.safetensors"))}
+    weights = {p.parent.name: p.read_bytes()
+               for p in sorted(folder.glob("seed_*/model.safetensors"))}
     return _without_times(metrics), (folder / "predictions.csv").read_text(), weights
 
 
@@ -99,7 +100,8 @@ def _checkpoint_after_epoch(path: Path, epoch: int):
     return ready
 
 
-@pytest.mark.parametrize("point", ["seed0-epoch3", "seed0-done", "seed1-epoch8", "last-seed-done"])
+@pytest.mark.parametrize("point", ["seed0-epoch3", "seed0-done", "seed1-epoch8",
+                                   "last-seed-done"])
 def test_a_run_killed_and_resumed_writes_what_an_uninterrupted_run_writes(
         store, reference, tmp_path, point):
     out = tmp_path / "run"

@@ -106,7 +106,7 @@ class RAGExpert(ExpertEncoder):
     kinds: ClassVar[tuple[str, ...]] = ("timeseries", "tabular", "text")
     family = "rag"
     version = "1"
-    batch_size: ClassVar[int] = 256
+    batch_size: ClassVar[int] = 1024  # payloads per encode call, as the sentence experts
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -201,15 +201,15 @@ class RAGExpert(ExpertEncoder):
         self.retriever.fit(modality, payloads)
         if self.opts["kb_dir"] is not None:
             texts = read_kb_dir(self.opts["kb_dir"])
-            index = self.retriever.model.embed(texts, batch_size=self.retriever.opts[
-                "batch_size"])
+            index = self.retriever.model.embed(texts,
+                                               batch_size=self.retriever.text_batch_size())
             hashes, hashed = np.array([text_hash(t) for t in texts], dtype=np.int64), True
         elif self.opts["kb_store"] is not None:
             index = self._store_index(modality)
             hashes, hashed = np.zeros(index.shape[0], dtype=np.int64), False
         else:
             texts = self.retriever.texts(modality, payloads)
-            index = self.retriever.encode(modality, payloads)
+            index = self.retriever.embed_texts(modality, texts)  # serialised once
             hashes, hashed = np.array([text_hash(t) for t in texts], dtype=np.int64), True
         if index.shape[0] < 2:
             raise DataError(f"rag: the knowledge base of modality {modality.name!r} has "
@@ -280,7 +280,7 @@ class RAGExpert(ExpertEncoder):
         index = self._index[modality.name]  # [M, d]
         k = min(self.opts["k"], index.shape[0] - 1)  # the same k for every query
         texts = self.retriever.texts(modality, payloads)
-        q = self.retriever.encode(modality, payloads)  # [N, d]
+        q = self.retriever.embed_texts(modality, texts)  # [N, d]; serialised once
         sims = q @ index.T  # [N, M]
         if self._hashed[modality.name]:
             qh = np.array([text_hash(t) for t in texts], dtype=np.int64)

@@ -3,6 +3,17 @@
 (installed packages, ``MEDMIX_MODEL_DIR``, the unpacked mpnet parts), their hashes, loading
 with transformers, an embedding cache, int8 quantisation on CPU and half precision on
 CUDA. No expert lives here; experts import what they need from this module.
+
+Batching (:meth:`TextModel.embed`): the distinct uncached texts of a call are tokenised once,
+in one call, sorted by decreasing token length and cut into batches of at most
+``batch_size`` texts and, where a token limit applies, at most ``max_tokens`` padded tokens
+(rows x the batch's first, longest, row; :func:`plan_batches`). Each batch is padded from
+those ids (:func:`collate`, as the tokenizer's ``padding=True`` would). On CPU the default
+is batches of ``batch_size`` texts, the same batches as before, so the same embeddings to
+the bit; on CUDA a 65,536-token limit (:data:`CUDA_MAX_TOKENS`), pinned host memory and
+non-blocking copies, a background thread that pads batch i+1 while batch i runs, and one
+copy back per call. Other batchings differ from the old ones by rounding only (below 1e-6
+per value on CPU; ``tests/test_throughput.py`` holds them to 1e-5).
 """
 
 from __future__ import annotations
@@ -364,6 +375,9 @@ class TextModel:
     """
 
     CACHE_SIZE = 65536  # texts whose embeddings are kept (minilm and rag share them)
+    #: pad batch i+1 in a background thread while batch i runs: None = on CUDA only (on
+    #: CPU the thread would compete with the forward for the same cores)
+    prefetch: bool | None = None
 
     def __init__(self, model_dir: Path, quantize: bool = False, max_length: int = 256) -> None:
         try:
@@ -418,16 +432,25 @@ class TextModel:
                              max_length=self.max_length + 1)["input_ids"]
         return int(sum(len(x) > self.max_length for x in ids))
 
-    def embed(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """Embed texts.
+    def default_max_tokens(self) -> int | None:
+        """The token limit per forward pass when ``embed`` is given none:
+        :data:`CUDA_MAX_TOKENS` on CUDA (with a large ``batch_size`` it sets the batch), None
+        elsewhere (on CPU the cost per token hardly depends on the batch, measured in
+        ``benchmarks/bench_throughput.py``, so batches of ``batch_size`` texts)."""
+        return CUDA_MAX_TOKENS if self.device.startswith("cuda") else None
+
+    def embed(self, texts: Sequence[str], batch_size: int = 64,
+              max_tokens: int | None = None) -> np.ndarray:
+        """Embed texts (each distinct text once; embeddings of earlier calls are reused).
 
         Args:
             texts: N strings.
-            batch_size: texts per forward pass (batches are formed by token length).
+            batch_size: the most texts per forward pass.
+            max_tokens: the most padded tokens per forward pass (rows x longest row, at
+                least one text); None: :meth:`default_max_tokens`; 0: no token limit.
         Returns:
             float32 ``[N, dim]``, each row of unit L2 norm.
         """
-        torch = self.torch
         out = np.zeros((len(texts), self.dim), dtype=np.float32)  # [N, dim]
         todo = []
         with self._lock:
@@ -440,22 +463,7 @@ class TextModel:
                     self._cache.move_to_end(t)
         if todo:
             uniq = sorted({texts[i] for i in todo})
-            ids = self.tokenizer(uniq, truncation=True, max_length=self.max_length)["input_ids"]
-            order = np.argsort([-len(x) for x in ids], kind="stable")
-            embs = np.zeros((len(uniq), self.dim), dtype=np.float32)  # [U, dim]
-            with torch.inference_mode(), autocast_for(self.device):
-                for s in range(0, len(order), batch_size):
-                    rows = order[s:s + batch_size]
-                    enc = self.tokenizer([uniq[r] for r in rows], padding=True,
-                                         truncation=True, max_length=self.max_length,
-                                         return_tensors="pt")
-                    enc = {k: v.to(self.device) for k, v in enc.items()}
-                    hidden = self.model(input_ids=enc["input_ids"],
-                                        attention_mask=enc["attention_mask"]).last_hidden_state
-                    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [b, T, 1]
-                    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # [b, dim]
-                    pooled = torch.nn.functional.normalize(pooled, dim=-1)
-                    embs[rows] = pooled.float().cpu().numpy()
+            embs = self.embed_uncached(uniq, batch_size=batch_size, max_tokens=max_tokens)
             index = {t: j for j, t in enumerate(uniq)}
             with self._lock:
                 for i in todo:
@@ -465,6 +473,179 @@ class TextModel:
                 while len(self._cache) > self.CACHE_SIZE:
                     self._cache.popitem(last=False)
         return out
+
+    def embed_uncached(self, texts: Sequence[str], batch_size: int = 64,
+                       max_tokens: int | None = None,
+                       timings: dict[str, float] | None = None) -> np.ndarray:
+        """Embed texts without the cache (duplicates are embedded each time).
+
+        The texts are tokenised once, in one call, and sorted by decreasing token length,
+        so a batch pads to its first row. Batches are padded from those ids; on CUDA a
+        background thread pads and pins batch i+1 while batch i runs, copies are
+        non-blocking and the pooled rows stay on the device until one copy back at the end.
+
+        Args:
+            texts: N strings.
+            batch_size: the most texts per forward pass.
+            max_tokens: see :meth:`embed`.
+            timings: when given, seconds per stage are added to it ("tokenise", "collate",
+                "to_device", "forward", "pool", "copy_back") and the device is synchronised
+                after each stage, so the stages do not overlap (slower, for measuring only).
+        Returns:
+            float32 ``[N, dim]``, each row of unit L2 norm, in the order of ``texts``.
+        """
+        torch = self.torch
+        embs = np.zeros((len(texts), self.dim), dtype=np.float32)  # [N, dim]
+        if not texts:
+            return embs
+        clock = _Stages(torch, self.device, timings)
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length,
+                             return_attention_mask=False,
+                             return_token_type_ids=False)["input_ids"]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))  # [N]
+        order = np.argsort(-lengths, kind="stable")  # longest first, ties in input order
+        clock.lap("tokenise")
+        if max_tokens is None:
+            max_tokens = self.default_max_tokens()
+        spans = plan_batches(lengths[order], batch_size, max_tokens)
+        cuda = self.device.startswith("cuda")
+        pad_id = self.tokenizer.pad_token_id
+        pad_id = 0 if pad_id is None else int(pad_id)
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+
+        def host_batches():
+            for s, e in spans:
+                arr, mask = collate(ids, order[s:e], pad_id, left)  # [b, T], [b, T]
+                x, m = torch.from_numpy(arr), torch.from_numpy(mask)
+                if cuda:
+                    x, m = x.pin_memory(), m.pin_memory()
+                yield x, m
+
+        batches = host_batches()
+        prefetch = cuda if self.prefetch is None else bool(self.prefetch)
+        if prefetch and timings is None and len(spans) > 1:
+            batches = _prefetch(batches, depth=2)
+        parts = []
+        with torch.inference_mode(), autocast_for(self.device):
+            for x, m in batches:
+                clock.lap("collate")
+                x = x.to(self.device, non_blocking=True)
+                m = m.to(self.device, non_blocking=True)
+                clock.lap("to_device")
+                hidden = self.model(input_ids=x, attention_mask=m).last_hidden_state
+                clock.lap("forward")
+                mask = m.unsqueeze(-1).to(hidden.dtype)  # [b, T, 1]
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # [b, dim]
+                parts.append(torch.nn.functional.normalize(pooled, dim=-1).float())
+                clock.lap("pool")
+            pooled_all = torch.cat(parts).cpu().numpy()  # [N, dim], rows in `order`
+        embs[order] = pooled_all
+        clock.lap("copy_back")
+        return embs
+
+
+#: padded tokens per forward pass on CUDA by default (MiniLM on 65k tokens takes a few ms
+#: on an H100; activations of mpnet at this size are well under 1 GiB in half precision)
+CUDA_MAX_TOKENS = 65536
+
+
+def plan_batches(lengths: np.ndarray, batch_size: int, max_tokens: int | None
+                 ) -> list[tuple[int, int]]:
+    """``(start, stop)`` slices of texts sorted by decreasing token length.
+
+    Args:
+        lengths: ``[N]`` token counts, non-increasing.
+        batch_size: the most texts per batch.
+        max_tokens: when set, also at most this many padded tokens per batch (rows x its
+            first, longest, row), and at least one text.
+    """
+    n, step = len(lengths), max(1, int(batch_size))
+    if not max_tokens:
+        return [(s, min(n, s + step)) for s in range(0, n, step)]
+    spans, s = [], 0
+    while s < n:
+        fit = max(1, int(max_tokens) // max(1, int(lengths[s])))
+        stop = min(n, s + min(step, fit))
+        spans.append((s, stop))
+        s = stop
+    return spans
+
+
+def collate(ids: Sequence[Sequence[int]], rows: np.ndarray, pad_id: int, left: bool = False
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Pad the token ids of ``rows`` to their longest: int64 ids and attention mask
+    ``[b, T]``, as the tokenizer's own ``padding=True`` makes them."""
+    width = max(len(ids[r]) for r in rows)
+    arr = np.full((len(rows), width), pad_id, dtype=np.int64)  # [b, T]
+    mask = np.zeros((len(rows), width), dtype=np.int64)  # [b, T]
+    for j, r in enumerate(rows):
+        x = ids[r]
+        if left:
+            arr[j, width - len(x):] = x
+            mask[j, width - len(x):] = 1
+        else:
+            arr[j, :len(x)] = x
+            mask[j, :len(x)] = 1
+    return arr, mask
+
+
+def _prefetch(items, depth: int = 2):
+    """Yield from ``items`` while a background thread produces up to ``depth`` ahead
+    (padding and pinning run in numpy and torch, which release the GIL for the copies)."""
+    import queue
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(done)
+        except BaseException as exc:  # re-raised in the consumer
+            q.put(exc)
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                worker.join(0.01)
+
+
+class _Stages:
+    """Adds the seconds since the previous lap to ``timings[stage]`` (nothing when
+    ``timings`` is None), synchronising CUDA first so each stage is charged its own time."""
+
+    def __init__(self, torch, device: str, timings: dict[str, float] | None) -> None:
+        import time
+
+        self._time = time.perf_counter
+        self._torch, self._device, self.timings = torch, device, timings
+        self._t = self._time()
+
+    def lap(self, stage: str) -> None:
+        if self.timings is None:
+            return
+        if self._device.startswith("cuda"):
+            self._torch.cuda.synchronize(self._device)
+        now = self._time()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - self._t
+        self._t = now
 
 
 @functools.lru_cache(maxsize=4)
