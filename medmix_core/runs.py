@@ -7,15 +7,14 @@ Layout of a run folder::
     config.json          the resolved RunConfig
     encoders.json + state/   experts, their dims and fitted state, for predict
     seed_<s>/model.safetensors + model.json   the deployed model of each finished seed
+    seed_<s>/result.json + predictions.safetensors   a finished seed's metrics and test
+                         probabilities, from which metrics.json and predictions.csv are made
+    checkpoints/seed_<s>.pt   the per-epoch training checkpoint of a seed still training
     metrics.json         per-seed and mean ± std metrics (written when every seed is done)
     predictions.csv      test rows: ids, labels, probabilities, modality weights
 
 A comparison (``--fuser a,b``) or sweep folder holds run folders and its own tables, with
 a ``run.json`` of kind ``comparison`` or ``sweep``.
-
-    checkpoints/seed_<s>.pt   the per-epoch training checkpoint of a seed still training
-    seed_<s>/result.json + predictions.safetensors   a finished seed's metrics and test
-                         probabilities, from which metrics.json and predictions.csv are made
 
 Rules: one folder holds one run. A folder that exists and is not empty is refused unless
 the caller passes ``overwrite``, which clears it first, and only if medmix wrote it, or
