@@ -448,6 +448,11 @@ def run(cfg: RunConfig, log=print, overwrite: bool = False, tracker=None,
 
     factory = get_fuser(cfg.fuser)  # unknown names fail before any extraction
     check_fuser_options(cfg.fuser, cfg.fuser_options)
+    if cfg.data_parallel and not distributed.launched():
+        raise MedmixError("--data-parallel shares every batch over the processes of a "
+                          "torchrun command, and this is one process. Add --nproc N (or start "
+                          "it with `torchrun --nproc-per-node N --no-python medmix -- run "
+                          "...`), or drop --data-parallel.")
     device = resolve_device(distributed.context().device(cfg.device))
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     if cfg.store:

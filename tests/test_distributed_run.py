@@ -78,3 +78,16 @@ def test_a_two_process_sweep_matches_one_process(store, tmp_path):
     _medmix(*base, "--out", tmp_path / "two", "--nproc", "2")
     assert json.loads((tmp_path / "two" / "sweep.json").read_text()) == \
         json.loads((tmp_path / "one" / "sweep.json").read_text())
+
+
+def test_data_parallel_in_one_process_is_refused_before_anything_is_written(store, tmp_path):
+    from typer.testing import CliRunner
+
+    from medmix_core.cli import app
+
+    out = tmp_path / "dp"
+    res = CliRunner().invoke(app, ["run", "--store", str(store), "--out", str(out),
+                                   "--data-parallel", *TRAIN])
+    assert res.exit_code == 2
+    assert "--nproc" in res.output and "torchrun" in res.output
+    assert not out.exists()
