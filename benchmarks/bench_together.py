@@ -5,20 +5,35 @@ For each fuser (default medmix and concat) on the bundled store, with the run's 
   * sequential: ``train_seed`` for each seed in turn (what ``--sequential`` runs);
   * together: ``medmix_core.together.train_seeds_together`` on all seeds at once;
   * agreement: best epochs equal, largest history difference;
+  * what one more stacked seed costs: together on 1 seed and on all seeds, (T_S - T_1)/(S-1),
+    against a sequential seed's time: the speed-up stacking could give if its fixed costs
+    were nothing is seq_per_seed / marginal;
+  * the matrix products' share: one epoch of the together run under ``torch.profiler``,
+    self time of aten::mm/addmm/bmm/baddbmm; their rate on the training work bounds the
+    whole run's rate (``--no-profile`` leaves it out);
   * achieved rate of the training work: (3 x inference MACs/sample x trained samples +
     inference MACs/sample x validated samples) / wall time, as a fraction of this machine's
     ``torch.mm`` rate on 2048 x 2048 fp32 matrices at the same thread count (measured in the
     same run; the helper of bench_train.py).
 
+With ``--cli``, also the whole ``medmix run`` at each thread count T, in a fresh folder each:
+``--sequential --threads T``, ``--threads T`` (together) and, for T > 1, ``--nproc T --threads
+1`` (the seeds shared over T processes, each rank's seeds together), with each mode's test
+metrics compared to the sequential run's.
+
 Usage:
     python benchmarks/bench_together.py [STORE] [--seeds 5] [--fusers medmix,concat]
-        [--thread-counts 1,2] [--epochs N] [--json out.json]
+        [--thread-counts 1,2] [--epochs N] [--cli] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -78,6 +93,14 @@ def bench_fuser(fuser: str, store: EmbeddingStore, tensors: StoreTensors, thread
     t0 = time.perf_counter()
     tog = train_seeds_together(cfg, tensors, spec, store.splits, seeds)
     t_tog = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    one = train_seeds_together(cfg, tensors, spec, store.splits, seeds[:1])
+    t_one = time.perf_counter() - t0
+    # per-seed times scaled by epochs run, so seeds that stop early do not bias them
+    ep_seq = sum(r.epochs_run for r in seq)
+    seq_per_epoch = t_seq / ep_seq
+    marginal = ((t_tog / ep_seq) * len(seeds) - t_one / one[0].epochs_run) / max(1, len(seeds) - 1)
+    products = None if args.no_profile else matmul_share(cfg, tensors, spec, store, seeds)
 
     same_best = all(a.best_epoch == b.best_epoch for a, b in zip(seq, tog))
     hist = max(abs(x[k] - y[k]) for a, b in zip(seq, tog)
@@ -91,6 +114,10 @@ def bench_fuser(fuser: str, store: EmbeddingStore, tensors: StoreTensors, thread
         "sequential_s": t_seq, "together_s": t_tog, "speedup": t_seq / t_tog,
         "sequential_fraction_of_matmul": work / t_seq / mm["macs_per_s"],
         "together_fraction_of_matmul": work / t_tog / mm["macs_per_s"],
+        "together_one_seed_s": t_one, "sequential_s_per_seed_epoch": seq_per_epoch,
+        "marginal_s_per_seed_epoch": marginal,
+        "stacking_ceiling_speedup": seq_per_epoch / marginal if marginal > 0 else None,
+        "matrix_products": products,
     }
     print(f"[{fuser}, {threads} thread(s)] {len(seeds)} seeds, epochs run "
           f"{out['epochs_run']}, {macs / 1e6:.3f} MMACs/sample")
@@ -98,7 +125,78 @@ def bench_fuser(fuser: str, store: EmbeddingStore, tensors: StoreTensors, thread
           f"torch.mm), together {t_tog:.1f}s ({100 * out['together_fraction_of_matmul']:.1f}% "
           f"of torch.mm): {out['speedup']:.2f}x")
     print(f"  best epochs equal: {same_best}; largest history difference {hist:.2e}")
+    print(f"  one seed-epoch: sequential {seq_per_epoch:.3f}s, one more stacked seed "
+          f"{marginal:.3f}s: stacking with no fixed cost at all would give at most "
+          f"{seq_per_epoch / marginal:.2f}x")
+    if products:
+        print(f"  matrix products: {100 * products['share_of_time']:.0f}% of a together epoch "
+              f"under the profiler, at {100 * products['fraction_of_matmul']:.0f}% of the "
+              f"torch.mm rate on the training work: no run of this work can exceed that")
     return out
+
+
+def matmul_share(cfg, tensors: StoreTensors, spec, store: EmbeddingStore,
+                 seeds: list[int]) -> dict:
+    """One epoch of the together run under torch.profiler: the self time of the matrix
+    products, their share of the profiled time and their rate on that epoch's work."""
+    from torch.profiler import ProfilerActivity, profile
+
+    one = cfg.model_copy(update={"epochs": 1})
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        res = train_seeds_together(one, tensors, spec, store.splits, seeds)
+        wall = time.perf_counter() - t0
+    names = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+    us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in names)
+    model = build_fuser(cfg, spec)
+    macs = count_macs(model, tensors.batch(torch.arange(min(256, tensors.n))))["per_sample"]
+    work = work_macs(macs, res, len(store.splits["train"]), len(store.splits["val"]))
+    mm = matmul_rate()
+    return {"seconds": us / 1e6, "profiled_wall_s": wall, "share_of_time": us / 1e6 / wall,
+            "fraction_of_matmul": work / (us / 1e6) / mm["macs_per_s"]}
+
+
+def bench_cli(fuser: str, store: Path, threads: int, args: argparse.Namespace) -> list[dict]:
+    """``medmix run`` end to end: sequential, together, and together over processes."""
+    modes = [("sequential", ["--sequential", "--threads", str(threads)], threads),
+             ("together", ["--threads", str(threads)], threads)]
+    if threads > 1:
+        modes.append((f"together, {threads} processes x 1 thread",
+                      ["--nproc", str(threads), "--threads", "1"], 1))
+    extra = ["--epochs", str(args.epochs)] if args.epochs else []
+    if args.patience:
+        extra += ["--patience", str(args.patience)]
+    rows, ref = [], None
+    for label, flags, omp in modes:
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", "medmix_core.cli", "run", "--store", str(store),
+                   "--fuser", fuser, "--seeds", str(args.seeds), "--device", "cpu",
+                   "--out", str(Path(tmp) / "run"), *extra, *flags]
+            env = {**os.environ, "OMP_NUM_THREADS": str(omp)}
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            wall = time.perf_counter() - t0
+            if proc.returncode != 0:
+                print(f"  [{label}] failed:\n{proc.stderr[-2000:]}")
+                rows.append({"fuser": fuser, "threads": threads, "mode": label, "failed": True})
+                continue
+            per_seed = json.loads((Path(tmp) / "run" / "metrics.json").read_text())["per_seed"]
+        diff = None
+        if ref is None:
+            ref = per_seed
+        else:
+            diff = max(abs(a[k] - b[k]) for a, b in zip(ref, per_seed) for k in a
+                       if isinstance(a.get(k), float) and isinstance(b.get(k), float))
+        rows.append({"fuser": fuser, "threads": threads, "mode": label, "wall_s": wall,
+                     "max_metric_difference": diff})
+        print(f"  [{fuser}, medmix run, {label}] {wall:.1f}s"
+              + ("" if diff is None else f", test metrics within {diff:.1e} of sequential"))
+    seq = rows[0].get("wall_s")
+    for r in rows[1:]:
+        if seq and r.get("wall_s"):
+            r["speedup"] = seq / r["wall_s"]
+            print(f"  {r['mode']}: {r['speedup']:.2f}x against sequential")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -111,11 +209,15 @@ def main(argv: list[str] | None = None) -> dict:
                         "else 1)")
     p.add_argument("--epochs", type=int, default=None, help="cap on epochs (default: the run's)")
     p.add_argument("--patience", type=int, default=None, help="default: the run's")
+    p.add_argument("--no-profile", action="store_true",
+                   help="leave out the profiled epoch (matrix products' share)")
+    p.add_argument("--cli", action="store_true",
+                   help="also time `medmix run` end to end (sequential, together, processes)")
     add_common_args(p)
     args = p.parse_args(argv)
     info = setup(args, "bench_together: seeds trained together vs one after another")
     path = store_or_hint(args.store)
-    results = {"machine": info, "runs": [], "matmul": {}}
+    results = {"machine": info, "runs": [], "matmul": {}, "cli": []}
     if path is None:
         return results
     store = EmbeddingStore.open(path)
@@ -130,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
         for fuser in args.fusers.split(","):
             results["runs"].append(bench_fuser(fuser.strip(), store, tensors, threads, args,
                                                mm))
+            if args.cli:
+                results["cli"] += bench_cli(fuser.strip(), path, threads, args)
     write_json(args.json, results)
     return results
 

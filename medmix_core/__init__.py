@@ -27,6 +27,7 @@ from medmix_core.fusion import (
     InterFuser,
     IntraFuser,
     masked_softmax,
+    mix,
     project_experts,
 )
 from medmix_core.hookspecs import hookimpl
@@ -51,7 +52,7 @@ __all__ = [
     "UnknownPluginError", "WeightsNotFoundError", "ExpertEncoder", "Teacher", "MASK_SCORE",
     "ExpertProjector", "FusionModel", "FusionOutput", "FusionSpec", "Fuser", "FuserPlugin",
     "InterFuser",
-    "IntraFuser", "masked_softmax", "project_experts", "hookimpl", "EmbeddingStore",
+    "IntraFuser", "masked_softmax", "mix", "project_experts", "hookimpl", "EmbeddingStore",
     "StoreWriter", "ImageData", "ModalitySpec", "Sample", "SlideData", "TabularData", "TaskSpec",
     "TextData", "TimeSeriesData", "VolumeData", "__version__",
 ]

@@ -14,7 +14,7 @@ import torch
 
 from medmix_core.errors import StoreError
 from medmix_core.store import EmbeddingStore
-from medmix_core.stream import ZeroRows, load_streamed, take_rows
+from medmix_core.stream import ZeroRows, load_streamed, rows_of, take_rows
 
 
 @dataclass
@@ -190,7 +190,7 @@ class StoreTensors:
         """The batch of rows ``idx``; ``mask`` replaces the stored expert masks (protocols);
         ``teacher=False`` leaves the teacher out (no rows read for it when streamed)."""
         mask = self.mask if mask is None else mask
-        em = {m: mask[m][idx] for m in self.modalities}
+        em = {m: rows_of(mask[m], idx) for m in self.modalities}
         mm = torch.stack([em[m].any(dim=1) for m in self.modalities], dim=1)  # [B, M]
         with_teacher = teacher and self.teacher is not None
         # one call for every table, so streamed tables read their rows concurrently
@@ -202,11 +202,11 @@ class StoreTensors:
             experts[m], rows = rows[:len(self.emb[m])], rows[len(self.emb[m]):]
         t_emb = dict(zip(tmods, rows)) if with_teacher else None
         # a modality dropped by a protocol takes its teacher embedding with it
-        tmask = self.teacher_mask[idx] & mm if with_teacher else None
+        tmask = rows_of(self.teacher_mask, idx) & mm if with_teacher else None
         return Batch(
             experts=experts,
-            expert_mask=em, modality_mask=mm, labels=self.labels[idx],
-            label_mask=self.label_mask[idx], teacher=t_emb, teacher_mask=tmask,
+            expert_mask=em, modality_mask=mm, labels=rows_of(self.labels, idx),
+            label_mask=rows_of(self.label_mask, idx), teacher=t_emb, teacher_mask=tmask,
             index=idx, modalities=list(self.modalities))
 
 

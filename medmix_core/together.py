@@ -66,6 +66,7 @@ from medmix_core.errors import MedmixError
 from medmix_core.fusion import FusionSpec
 from medmix_core.metrics import best_threshold, compute_metrics
 from medmix_core.plugins import get_fuser
+from medmix_core.stream import rows_of, take_rows
 from medmix_core.training import (
     NOT_IN_KEY,
     SeedResult,
@@ -246,10 +247,10 @@ class _Vectorised:
 
 
 class _SeedAdamW:
-    """AdamW over stacked parameters, per seed: ``torch.optim.AdamW``'s single-tensor update
-    (the CPU default) applied to every seed's slice, with a step count per seed and
-    parameter so that a parameter without a gradient in a seed's step is skipped for that
-    seed exactly as torch skips it."""
+    """AdamW over stacked parameters, per seed: ``torch.optim.AdamW``'s fused update (what
+    :class:`~medmix_core.training.TrainStep` asks for) applied to every seed's slice, with a
+    step count per seed and parameter so that a parameter without a gradient in a seed's
+    step is skipped for that seed exactly as torch skips it."""
 
     def __init__(self, groups: dict[str, dict], betas: tuple[float, float],
                  eps: float = 1e-8) -> None:
@@ -263,6 +264,9 @@ class _SeedAdamW:
         """One step; ``used[name]``: ``[S]`` bool, the seeds whose step gave it a gradient;
         ``factor``: the warm-up's multiplier of the base learning rates."""
         b1, b2 = self.beta1, self.beta2
+        # parameters whose every seed steps, at the same count: one fused update per
+        # (lr, weight decay, step) bucket, as torch's fused AdamW updates a group
+        buckets: dict[tuple[float, float, int], list[str]] = {}
         for name, p in params.items():
             if name not in self.groups or p.grad is None:
                 continue
@@ -274,31 +278,32 @@ class _SeedAdamW:
                                          "exp_avg_sq": torch.zeros_like(p),
                                          "step": torch.zeros(p.shape[0], dtype=torch.long)}
             u = used.get(name)
-            seeds = (range(p.shape[0]) if u is None or bool(u.all())
-                     else [int(i) for i in torch.nonzero(u).flatten()])
-            with torch.no_grad():
-                steps = st["step"]
-                if len(seeds) == p.shape[0] and bool((steps == steps[0]).all()):
-                    steps += 1
-                    self._update(p, p.grad, st["exp_avg"], st["exp_avg_sq"],
-                                 int(steps[0]), lr, g["weight_decay"], b1, b2)
-                else:  # seeds out of step with each other: one slice at a time
-                    for i in seeds:
-                        steps[i] += 1
-                        self._update(p[i], p.grad[i], st["exp_avg"][i], st["exp_avg_sq"][i],
-                                     int(steps[i]), lr, g["weight_decay"], b1, b2)
+            steps = st["step"]
+            if (u is None or bool(u.all())) and bool((steps == steps[0]).all()):
+                steps += 1
+                buckets.setdefault((lr, g["weight_decay"], int(steps[0])), []).append(name)
+                continue
+            seeds = [int(i) for i in torch.nonzero(u).flatten()] if u is not None \
+                else range(p.shape[0])
+            with torch.no_grad():  # seeds out of step with each other: one slice at a time
+                for i in seeds:
+                    steps[i] += 1
+                    self._update([p[i]], [p.grad[i]], [st["exp_avg"][i]],
+                                 [st["exp_avg_sq"][i]], int(steps[i]), lr,
+                                 g["weight_decay"], b1, b2)
+        with torch.no_grad():
+            for (lr, wd, step), names in buckets.items():
+                self._update([params[n] for n in names], [params[n].grad for n in names],
+                             [self.state[n]["exp_avg"] for n in names],
+                             [self.state[n]["exp_avg_sq"] for n in names], step, lr, wd, b1, b2)
 
-    def _update(self, param, grad, exp_avg, exp_avg_sq, step, lr, wd, b1, b2) -> None:
-        # the operations of torch.optim.adam._single_tensor_adam with decoupled weight decay
-        if wd != 0:
-            param.mul_(1 - lr * wd)
-        exp_avg.lerp_(grad, 1 - b1)
-        exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        bias_correction1 = 1 - b1 ** step
-        bias_correction2 = 1 - b2 ** step
-        step_size = lr / bias_correction1
-        denom = (exp_avg_sq.sqrt() / bias_correction2 ** 0.5).add_(self.eps)
-        param.addcdiv_(exp_avg, denom, value=-step_size)
+    def _update(self, params, grads, exp_avgs, exp_avg_sqs, step, lr, wd, b1, b2) -> None:
+        # torch.optim.AdamW(fused=True)'s kernel: element by element, so a stacked tensor
+        # gets exactly the update each seed's own tensor would
+        steps = [torch.tensor(float(step), device=params[0].device) for _ in params]
+        torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False,
+                            lr=lr, beta1=b1, beta2=b2, weight_decay=wd, eps=self.eps,
+                            maximize=False)
 
     def keep(self, idx: torch.Tensor) -> None:
         """Keep the state of the seeds at positions ``idx`` only."""
@@ -709,11 +714,11 @@ def _train_batch(tensors: StoreTensors, idx: list[torch.Tensor], seeds: list[_Se
     rows = torch.stack(idx)  # [S, B]
     per = []
     for s, ix in zip(seeds, idx):
-        em = {m: s.base_mask[m][ix] for m in tensors.modalities}
+        em = {m: rows_of(s.base_mask[m], ix) for m in tensors.modalities}
         mm = torch.stack([em[m].any(dim=1) for m in tensors.modalities], dim=1)  # [B, M]
         tmask = None
         if reads_teacher and tensors.teacher_mask is not None:
-            tmask = tensors.teacher_mask[ix] & mm
+            tmask = rows_of(tensors.teacher_mask, ix) & mm
         em = augment_masks(em, list(tensors.modalities), cfg.modality_dropout,
                            cfg.expert_dropout, s.gen)
         mm = torch.stack([em[m].any(dim=1) for m in tensors.modalities], dim=1)
@@ -721,18 +726,25 @@ def _train_batch(tensors: StoreTensors, idx: list[torch.Tensor], seeds: list[_Se
             tmask = tmask & mm
         per.append((em, mm, tmask))
     tree: dict[str, Any] = {
-        "experts": {m: [x[rows].to(device) for x in tensors.emb[m]] for m in tensors.modalities},
+        "experts": {m: [_rows(x, rows).to(device) for x in tensors.emb[m]]
+                    for m in tensors.modalities},
         "expert_mask": {m: torch.stack([p[0][m] for p in per]).to(device)
                         for m in tensors.modalities},
         "modality_mask": torch.stack([p[1] for p in per]).to(device),
-        "labels": tensors.labels[rows].to(device),
-        "label_mask": tensors.label_mask[rows].to(device),
+        "labels": _rows(tensors.labels, rows).to(device),
+        "label_mask": _rows(tensors.label_mask, rows).to(device),
         "index": rows.to(device)}
     if reads_teacher and tensors.teacher is not None:
-        tree["teacher"] = {m: x[rows].to(device) for m, x in tensors.teacher.items()}
+        tree["teacher"] = {m: _rows(x, rows).to(device) for m, x in tensors.teacher.items()}
         tree["teacher_mask"] = torch.stack([p[2] for p in per]).to(device)
     views = [_seed_view(tree, i, list(tensors.modalities)) for i in range(len(seeds))]
     return tree, views
+
+
+def _rows(table, rows: torch.Tensor) -> torch.Tensor:
+    """``table[rows]`` for ``rows [S, B]``: ``[S, B, ...]``, gathered in one index_select."""
+    flat = take_rows([table], rows.reshape(-1))[0]
+    return flat.reshape(*rows.shape, *flat.shape[1:])
 
 
 def _losses(out: dict[str, torch.Tensor], per: list[Batch], cfg: RunConfig, task_type: str,

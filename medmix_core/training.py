@@ -356,8 +356,11 @@ class TrainStep:
         self.reads_teacher = (self.heads is not None
                               or bool(getattr(model, "uses_teacher_at_inference", False)))
 
+        # fused: one kernel per parameter (the CPU default runs ~8 operations per parameter
+        # from Python, over ~130 small tensors: a sixth of a step at one thread)
         self.optimizer = torch.optim.AdamW(_param_groups(model, self.heads, cfg), lr=cfg.lr,
-                                           betas=cfg.betas)
+                                           betas=cfg.betas,
+                                           fused=device.type in ("cpu", "cuda") or None)
         steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
         warm = max(1, int(cfg.warmup_epochs * steps_per_epoch))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -451,7 +454,7 @@ class TrainStep:
         if self.dp is not None:
             _average_gradients(self.params)
         self.scaler.unscale_(self.optimizer)
-        nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip, foreach=True)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()

@@ -70,6 +70,7 @@ from medmix_core import (
     MedmixError,
     hookimpl,
     masked_softmax,
+    mix,
     project_experts,
 )
 from medmix_fusers.baselines import (
@@ -166,7 +167,7 @@ class MoMEBlock(nn.Module):
         gmask = torch.cat([avail, any_av], dim=1)  # [B, M + 1]
         g = masked_softmax(self.gate(flat), gmask)
         outs = [e(x[:, j]) for j, e in enumerate(self.experts[:-1])] + [self.experts[-1](flat)]
-        mixed = torch.einsum("bk,bkd->bd", g, torch.stack(outs, dim=1))  # [B, M h]
+        mixed = mix(g, torch.stack(outs, dim=1))  # [B, M h]
         return self.norm2(flat + self.drop(mixed)), g
 
 

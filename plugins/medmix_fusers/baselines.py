@@ -38,6 +38,7 @@ from medmix_core import (
     FusionSpec,
     MedmixError,
     hookimpl,
+    mix,
     project_experts,
 )
 from medmix_fusers.medmix import build_medmix
@@ -73,7 +74,7 @@ def masked_mean(z: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torc
     """
     w = mask.to(z.dtype)
     w = w / w.sum(dim=1, keepdim=True).clamp_min(1.0)  # [B, K]
-    return torch.einsum("bk,bkd->bd", w, z), w
+    return mix(w, z), w
 
 
 def masked_max(z: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

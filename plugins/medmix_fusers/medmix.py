@@ -43,6 +43,7 @@ from medmix_core import (
     MedmixError,
     hookimpl,
     masked_softmax,
+    mix,
 )
 
 
@@ -59,7 +60,7 @@ class RouterIntraFuser(IntraFuser):
     def forward(self, z: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.score(z).squeeze(-1)  # [B, K]
         g = masked_softmax(s, mask)  # [B, K], 0 where masked, all-0 rows when none present
-        return torch.einsum("bk,bkd->bd", g, z), g
+        return mix(g, z), g
 
 
 class MeanIntraFuser(IntraFuser):
@@ -71,7 +72,7 @@ class MeanIntraFuser(IntraFuser):
     def forward(self, z: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = mask.to(z.dtype)  # [B, K]
         g = m / m.sum(dim=1, keepdim=True).clamp_min(1.0)
-        return torch.einsum("bk,bkd->bd", g, z), g
+        return mix(g, z), g
 
 
 class ScorerInterFuser(InterFuser):
@@ -87,7 +88,7 @@ class ScorerInterFuser(InterFuser):
                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = torch.einsum("bmd,md->bm", reps, self.score) + self.bias  # [B, M]
         w = masked_softmax(s, mask)  # [B, M]
-        return torch.einsum("bm,bmc->bc", w, logits), w
+        return mix(w, logits), w
 
 
 class GatedSumInterFuser(ScorerInterFuser):
@@ -98,7 +99,7 @@ class GatedSumInterFuser(ScorerInterFuser):
                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = torch.einsum("bmd,md->bm", reps, self.score) + self.bias  # [B, M]
         w = torch.sigmoid(s.float()).to(s.dtype) * mask.to(s.dtype)  # [B, M], 0 where masked
-        return torch.einsum("bm,bmc->bc", w, logits), w
+        return mix(w, logits), w
 
 
 class SumInterFuser(InterFuser):
@@ -110,7 +111,7 @@ class SumInterFuser(InterFuser):
     def forward(self, logits: torch.Tensor, reps: torch.Tensor,
                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         w = mask.to(logits.dtype)  # [B, M]
-        return torch.einsum("bm,bmc->bc", w, logits), w
+        return mix(w, logits), w
 
 
 #: ``inter`` option of the medmix fuser -> its inter-modality fuser

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medmix_core import Batch, Fuser, FusionOutput, FusionSpec, MedmixError, hookimpl
+from medmix_core import Batch, Fuser, FusionOutput, FusionSpec, MedmixError, hookimpl, mix
 
 
 class OneLLMFuser(Fuser):
@@ -77,7 +77,7 @@ class OneLLMFuser(Fuser):
             router[:, j, k] = keep.to(router.dtype)
         w = avail.to(reps.dtype)
         w = w / w.sum(dim=1, keepdim=True).clamp_min(1.0)  # [B, M]
-        fused = torch.einsum("bm,bmd->bd", w, reps)  # [B, d]
+        fused = mix(w, reps)  # [B, d]
         empty = ~avail.any(dim=1, keepdim=True)  # [B, 1]
         logits = torch.where(empty, self.prior.expand(b, -1), self.head(fused))
         return FusionOutput(logits=logits, reps=reps, rep_mask=avail, modality_weights=w,
