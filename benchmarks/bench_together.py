@@ -22,8 +22,11 @@ With ``--cli``, also the whole ``medmix run`` at each thread count T, in a fresh
 metrics compared to the sequential run's.
 
 Usage:
-    python benchmarks/bench_together.py [STORE] [--seeds 5] [--fusers medmix,concat]
-        [--thread-counts 1,2] [--epochs N] [--cli] [--json out.json]
+    python benchmarks/bench_together.py [STORE] [--seeds 5] [--fusers medmix,concat|all]
+        [--thread-counts 1,2] [--epochs N] [--cli] [--device cpu|cuda] [--json out.json]
+
+``--fusers all`` takes every registered fuser (those that cannot be vectorised say so and
+are skipped); ``--device cuda`` times on the GPU, with the ``torch.mm`` rate measured there.
 """
 
 from __future__ import annotations
@@ -46,10 +49,33 @@ from bench_train import matmul_rate
 from medmix_core.batch import StoreTensors
 from medmix_core.config import make_config
 from medmix_core.flops import count_macs
-from medmix_core.plugins import get_dataset
+from medmix_core.plugins import get_dataset, registry
 from medmix_core.store import EmbeddingStore
 from medmix_core.together import together_blocker, train_seeds_together
 from medmix_core.training import build_fuser, make_spec, resolve_distill, train_seed
+
+
+def mm_rate(device: str) -> dict:
+    """The ``torch.mm`` rate on ``device``: bench_train's CPU helper, or the same on CUDA."""
+    if not device.startswith("cuda"):
+        return matmul_rate()
+    a = torch.randn(8192, 8192, device=device)
+    torch.mm(a, a)
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        torch.mm(a, a)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    macs = 8192.0 ** 3
+    return {"size": 8192, "best_s": best, "macs_per_s": macs / best,
+            "gflops": 2 * macs / best / 1e9}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def run_defaults(store: EmbeddingStore) -> dict:
@@ -73,7 +99,7 @@ def bench_fuser(fuser: str, store: EmbeddingStore, tensors: StoreTensors, thread
     extra = {"epochs": args.epochs} if args.epochs else {}
     if args.patience:
         extra["patience"] = args.patience
-    cfg = resolve_distill(make_config(fuser=fuser, store=str(store.path), device="cpu",
+    cfg = resolve_distill(make_config(fuser=fuser, store=str(store.path), device=args.device,
                                       progress=False, threads=threads,
                                       **{**run_defaults(store), **extra}))
     spec = make_spec(tensors)
@@ -87,20 +113,25 @@ def bench_fuser(fuser: str, store: EmbeddingStore, tensors: StoreTensors, thread
     macs = count_macs(model, tensors.batch(torch.arange(min(256, tensors.n))))["per_sample"]
     n_train, n_val = len(store.splits["train"]), len(store.splits["val"])
 
+    _sync(args.device)
     t0 = time.perf_counter()
     seq = [train_seed(cfg, tensors, spec, store.splits, s) for s in seeds]
+    _sync(args.device)
     t_seq = time.perf_counter() - t0
     t0 = time.perf_counter()
     tog = train_seeds_together(cfg, tensors, spec, store.splits, seeds)
+    _sync(args.device)
     t_tog = time.perf_counter() - t0
     t0 = time.perf_counter()
     one = train_seeds_together(cfg, tensors, spec, store.splits, seeds[:1])
+    _sync(args.device)
     t_one = time.perf_counter() - t0
     # per-seed times scaled by epochs run, so seeds that stop early do not bias them
     ep_seq = sum(r.epochs_run for r in seq)
     seq_per_epoch = t_seq / ep_seq
     marginal = ((t_tog / ep_seq) * len(seeds) - t_one / one[0].epochs_run) / max(1, len(seeds) - 1)
-    products = None if args.no_profile else matmul_share(cfg, tensors, spec, store, seeds)
+    products = (None if args.no_profile or args.device != "cpu"
+                else matmul_share(cfg, tensors, spec, store, seeds))
 
     same_best = all(a.best_epoch == b.best_epoch for a, b in zip(seq, tog))
     hist = max(abs(x[k] - y[k]) for a, b in zip(seq, tog)
@@ -170,7 +201,7 @@ def bench_cli(fuser: str, store: Path, threads: int, args: argparse.Namespace) -
     for label, flags, omp in modes:
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [sys.executable, "-m", "medmix_core.cli", "run", "--store", str(store),
-                   "--fuser", fuser, "--seeds", str(args.seeds), "--device", "cpu",
+                   "--fuser", fuser, "--seeds", str(args.seeds), "--device", args.device,
                    "--out", str(Path(tmp) / "run"), *extra, *flags]
             env = {**os.environ, "OMP_NUM_THREADS": str(omp)}
             t0 = time.perf_counter()
@@ -203,7 +234,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("store", nargs="?", default=BUNDLED_STORE, help="store path")
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--fusers", default="medmix,concat")
+    p.add_argument("--fusers", default="medmix,concat",
+                   help="comma-separated fusers, or all (every registered one)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--thread-counts", default=None,
                    help="comma-separated thread counts measured in turn (default: --threads, "
                         "else 1)")
@@ -216,23 +249,30 @@ def main(argv: list[str] | None = None) -> dict:
     add_common_args(p)
     args = p.parse_args(argv)
     info = setup(args, "bench_together: seeds trained together vs one after another")
+    if args.device != "cpu":
+        from medmix_core.machine import machine_info
+
+        info["device"] = machine_info(args.device)
     path = store_or_hint(args.store)
     results = {"machine": info, "runs": [], "matmul": {}, "cli": []}
     if path is None:
         return results
     store = EmbeddingStore.open(path)
     tensors = StoreTensors.from_store(store)
+    fusers = (registry().names("fusers") if args.fusers == "all"
+              else [f.strip() for f in args.fusers.split(",")])
     counts = ([int(x) for x in args.thread_counts.split(",")] if args.thread_counts
               else [args.threads or 1])
     for threads in counts:
         torch.set_num_threads(threads)
-        mm = matmul_rate()
+        mm = mm_rate(args.device)
         results["matmul"][threads] = mm
-        print(f"torch.mm 2048x2048 fp32 at {threads} thread(s): {mm['gflops']:.1f} GFLOP/s")
-        for fuser in args.fusers.split(","):
+        print(f"torch.mm {mm['size']}x{mm['size']} fp32 on {args.device} at {threads} "
+              f"thread(s): {mm['gflops']:.1f} GFLOP/s")
+        for fuser in fusers:
             results["runs"].append(bench_fuser(fuser.strip(), store, tensors, threads, args,
                                                mm))
-            if args.cli:
+            if args.cli and "blocker" not in results["runs"][-1]:
                 results["cli"] += bench_cli(fuser.strip(), path, threads, args)
     write_json(args.json, results)
     return results

@@ -45,7 +45,7 @@ _SHIFT_INVARIANT = ("score.bias", "score.2.bias")
 
 
 def _compared(name: str, t: torch.Tensor) -> torch.Tensor | None:
-    if name.startswith("intra.") and name.endswith(_SHIFT_INVARIANT):
+    if f".{name}".find(".intra.") >= 0 and name.endswith(_SHIFT_INVARIANT):
         return None
     if name.endswith("attn.in_proj_bias"):  # the key bias (middle third) is shift-invariant
         d = t.shape[0] // 3
@@ -92,14 +92,31 @@ CASES = {
     "attention": {"fuser": "attention", "fuser_options": {"heads": 2}},
     "medmix-uniform": {"fuser": "medmix-uniform"},
     "max": {"fuser": "max", "pos_weight": False},
+    "onellm": {"fuser": "onellm", "expert": 0},
+    "medmix-no-inter": {"fuser": "medmix-no-inter", "modality": 1},
+    "medmix-best-expert-chosen": {"fuser": "medmix-best-expert", "best": 1},
 }
+
+
+def _options(kw, t):
+    """CASES entries that name an expert or modality by position, as fuser options."""
+    kw = dict(kw)
+    if "expert" in kw:
+        kw["fuser_options"] = {"expert": t.experts[t.modalities[0]][kw.pop("expert")]}
+    if "modality" in kw:
+        kw["fuser_options"] = {"modality": t.modalities[kw.pop("modality")]}
+    if "best" in kw:
+        k = kw.pop("best")
+        kw["fuser_options"] = {"expert": {m: t.experts[m][min(k, len(t.experts[m]) - 1)]
+                                          for m in t.modalities}}
+    return kw
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_together_equals_sequential(case, tensors, plain_tensors, synth_store):
     kw = CASES[case]
     t = tensors if kw.get("teacher") else plain_tensors
-    cfg = _cfg(**kw)
+    cfg = _cfg(**_options(kw, t))
     spec = make_spec(t)
     assert together_blocker(cfg, t, spec) is None
     seeds = [0, 1]
@@ -131,11 +148,10 @@ def test_seeds_stop_at_different_epochs_and_protocol_masks(plain_tensors, synth_
     _assert_same(seq, tog, plain_tensors, synth_store.splits)
 
 
-@pytest.mark.parametrize("fuser", ["m3care", "onellm"])
-def test_unvectorisable_fusers_say_why(fuser, plain_tensors, synth_store):
-    options = {"expert": plain_tensors.experts[plain_tensors.modalities[0]][0]} \
-        if fuser == "onellm" else {}
-    cfg = _cfg(fuser=fuser, fuser_options=options)
+@pytest.mark.parametrize("fuser", ["m3care", "adacomed"])
+def test_unvectorisable_fusers_say_why(fuser, tensors, synth_store):
+    cfg = _cfg(fuser=fuser, teacher="teacher", distill=False)
+    plain_tensors = tensors
     spec = make_spec(plain_tensors)
     state = torch.get_rng_state()
     reason = together_blocker(cfg, plain_tensors, spec)

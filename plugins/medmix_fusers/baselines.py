@@ -492,17 +492,21 @@ class NarrowedMedmix(Fuser):
         out = self.inner(narrow_batch(batch, self.spec, self.keep))
         b, mods = batch.size, self.spec.modalities
         kmax = self.spec.max_experts
-        reps = out.reps.new_zeros(b, len(mods), out.reps.shape[-1])  # [B, M, d]
-        rep_mask = torch.zeros(b, len(mods), dtype=torch.bool, device=out.reps.device)
-        mw = out.modality_weights.new_zeros(b, len(mods))  # [B, M]
-        rw = out.router_weights.new_zeros(b, len(mods), kmax)  # [B, M, K_max]
-        for j_in, m in enumerate(self.inner.spec.modalities):
-            j = mods.index(m)
-            reps[:, j] = out.reps[:, j_in]
-            rep_mask[:, j] = out.rep_mask[:, j_in]
-            mw[:, j] = out.modality_weights[:, j_in]
-            for k_in, k in enumerate(self.keep[m]):
-                rw[:, j, k] = out.router_weights[:, j_in, k_in]
+        dev = out.reps.device
+        inner = self.inner.spec.modalities
+        # out of place (index_copy, not slice writes), so that seeds stacked under vmap work
+        cols = torch.tensor([mods.index(m) for m in inner], device=dev)  # inner -> outer j
+        reps = out.reps.new_zeros(b, len(mods), out.reps.shape[-1]).index_copy(
+            1, cols, out.reps)  # [B, M, d]
+        rep_mask = torch.zeros(b, len(mods), dtype=torch.bool, device=dev).index_copy(
+            1, cols, out.rep_mask)  # [B, M]
+        mw = out.modality_weights.new_zeros(b, len(mods)).index_copy(
+            1, cols, out.modality_weights)  # [B, M]
+        pairs = [(j_in, k_in, mods.index(m) * kmax + k) for j_in, m in enumerate(inner)
+                 for k_in, k in enumerate(self.keep[m])]
+        src = out.router_weights[:, [p[0] for p in pairs], [p[1] for p in pairs]]  # [B, P]
+        rw = out.router_weights.new_zeros(b, len(mods) * kmax).index_copy(
+            1, torch.tensor([p[2] for p in pairs], device=dev), src).view(b, len(mods), kmax)
         return FusionOutput(logits=out.logits, reps=reps, rep_mask=rep_mask,
                             modality_weights=mw, router_weights=rw, aux_loss=out.aux_loss)
 

@@ -61,20 +61,29 @@ class OneLLMFuser(Fuser):
                               f"{batch.modalities}. Build it from the same store and experts.")
         b, kmax = batch.size, self.spec.max_experts
         dev = batch.modality_mask.device
-        reps = torch.zeros(b, len(mods), self.rep_dim, device=dev)  # [B, M, d]
-        avail = torch.zeros(b, len(mods), dtype=torch.bool, device=dev)  # [B, M]
-        router = torch.zeros(b, len(mods), kmax, device=dev)  # [B, M, K_max]
+        # per-modality parts stacked at the end (no slice writes: seeds stacked under vmap)
+        reps, avail, router = [], [], []
         for j, m in enumerate(mods):
             if m not in self.slots:
+                reps.append(None)
+                avail.append(torch.zeros(b, dtype=torch.bool, device=dev))
+                router.append(None)
                 continue
             k = self.slots[m]
             keep = batch.expert_mask[m][:, k] & batch.modality_mask[:, j]  # [B]
             x = batch.experts[m][k]
             x = torch.where(keep.unsqueeze(1), x, torch.zeros((), dtype=x.dtype, device=dev))
             h = self.encoders[m](x) * keep.unsqueeze(1).to(x.dtype)  # [B, d]
-            reps = reps.index_copy(1, torch.tensor([j], device=dev), h.unsqueeze(1))
-            avail[:, j] = keep
-            router[:, j, k] = keep.to(router.dtype)
+            reps.append(h)
+            avail.append(keep)
+            slot = nn.functional.one_hot(torch.tensor(k, device=dev), kmax)  # [K_max]
+            router.append(keep.unsqueeze(1) & slot.bool())  # [B, K_max]
+        dtype = next(r.dtype for r in reps if r is not None)
+        zero = torch.zeros(b, self.rep_dim, dtype=dtype, device=dev)
+        reps = torch.stack([zero if r is None else r for r in reps], 1)  # [B, M, d]
+        avail = torch.stack(avail, 1)  # [B, M]
+        none = torch.zeros(b, kmax, dtype=torch.bool, device=dev)
+        router = torch.stack([none if r is None else r for r in router], 1).to(dtype)
         w = avail.to(reps.dtype)
         w = w / w.sum(dim=1, keepdim=True).clamp_min(1.0)  # [B, M]
         fused = mix(w, reps)  # [B, d]
