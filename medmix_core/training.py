@@ -454,7 +454,8 @@ class TrainStep:
         if self.dp is not None:
             _average_gradients(self.params)
         self.scaler.unscale_(self.optimizer)
-        nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip, foreach=True)
+        nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip,
+                                 foreach=self.device.type in ("cpu", "cuda") or None)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
