@@ -1,8 +1,12 @@
-"""Helpers several test modules use: real PhysioNet stays and toy time-series payloads."""
+"""Helpers several test modules use: real PhysioNet stays, toy time-series payloads and the
+benchmark scripts as modules."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,3 +34,18 @@ def toy_ts(a=None, b=None, horizon=48.0) -> TimeSeriesData:
         times.append(np.array([t for t, _ in obs], dtype=float))
         values.append(np.array([v for _, v in obs], dtype=float))
     return TimeSeriesData(["a", "b"], times, values, horizon)
+
+
+#: the benchmark scripts' folder (not a package: its scripts import each other by name)
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@contextlib.contextmanager
+def bench_module(name: str):
+    """The benchmark script ``benchmarks/<name>.py`` imported as a module, with the folder
+    on ``sys.path`` only while it is in use."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from _shared import bench_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("bench_committee")
-    finally:
-        sys.path.remove(str(BENCH))
+    with bench_module("bench_committee") as module:
+        yield module
 
 
 def _r(split, seed, auroc):

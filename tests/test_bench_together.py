@@ -4,22 +4,14 @@ agreement) are consistent. Times themselves are not asserted (benchmarks measure
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from _shared import bench_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("bench_together")
-    finally:
-        sys.path.remove(str(BENCH))
+    with bench_module("bench_together") as module:
+        yield module
 
 
 def test_bench_together_runs_and_agrees(bench, synth_store_path, tmp_path):
